@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny SentencePiece tokenizer trained here on the embedded sample, and shards built
+from it in the upstream layout (data/prepare.py), so every test runs offline on real text."""
+import json
+import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data"))
+
+import prepare  # noqa: E402
+
+TINY_VOCAB = 512
+
+
+def sample_texts(n=None):
+    with lzma.open(ROOT / "data" / "sample" / "docs.jsonl.xz", "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    return texts if n is None else texts[:n]
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab_size():
+    return TINY_VOCAB
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """DATA_DIR with a 512-piece tokenizer trained on 120 sample docs; 12 val docs (~20k tokens) and
+    train split into 25k-token shards so the loader sees several shards."""
+    root = tmp_path_factory.mktemp("tiny")
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(120)), encoding="utf-8")
+    prepare.build(docs, root / "data", vocab_size=TINY_VOCAB, val_docs=12, shard_tokens=25_000, workers=1,
+                  progress=False)
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_sp(tiny_data_dir):
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=str(tiny_data_dir / "tokenizers" / f"fineweb_{TINY_VOCAB}_bpe.model"))
+
+
+def tiny_env(data_dir, out_dir, **over):
+    """Env for a seconds-long CPU run of train_gpt.py on the tiny data."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DATA_DIR=str(data_dir), OUT_DIR=str(out_dir), VOCAB_SIZE=str(TINY_VOCAB), NUM_LAYERS="4",
+               MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", TRAIN_SEQ_LEN="64",
+               TRAIN_BATCH_TOKENS="1024", ITERATIONS="12", MAX_WALLCLOCK_SECONDS="0", RECUR_LAYERS="1,2",
+               PARALLEL_START_LAYER="3", VE_LAYERS="2,3", XSA_LAST_N="4", VE_DIM="16", VAL_LOSS_EVERY="0",
+               TRAIN_LOG_EVERY="4", EVAL_STRIDE="16", GPTQ_CALIBRATION_BATCHES="4", RUN_ID="tiny",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.update({k: str(v) for k, v in over.items()})
+    return env
+
+
+def run_train(env, *args, timeout=300, script=None):
+    """Run train_gpt.py (or a wrapped copy) as a subprocess; returns CompletedProcess with text output."""
+    cmd = [sys.executable, str(script or ROOT / "train_gpt.py")] if not args else list(args)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+
+
+def log_value(text, prefix, key):
+    """The float after `key` on the last line starting with `prefix`."""
+    import re
+    lines = [l for l in text.splitlines() if l.startswith(prefix)]
+    assert lines, f"no line starting with {prefix!r}"
+    m = re.search(re.escape(key) + r"\s*([-+0-9.eE]+)", lines[-1])
+    assert m, f"{key!r} not in {lines[-1]!r}"
+    return float(m.group(1))

@@ -1,0 +1,296 @@
+"""Evaluation: sliding-window coverage, Evaluator vs a straightforward computation, per-target dumps,
+causality of sliding / TTT / SLOT, and the equalities that pin TTT and SLOT to the plain eval.
+
+Everything here is in-process on a tiny random model (CPU, well under a second per evaluation).
+Token index semantics: the Evaluator's tokens array has n+1 entries; target t (1..n) is tokens[t],
+predicted from tokens[:t]; its NLL sits at dump index t-1.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as t
+
+V = 64
+SEQ = 32
+STRIDE = 12  # does not divide SEQ
+CPU = torch.device("cpu")
+ATOL = 1e-5
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def make_model(seed: int = 0) -> t.GPT:
+    """A tiny random GPT with every path (XSA, VE, recurrence, lanes, skips) active and non-trivial
+    weights (the zero-init projections and the 0.005-std embedding would make it nearly uniform)."""
+    torch.manual_seed(seed)
+    cfg = t.ModelConfig(vocab_size=V, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                        xsa_last_n=3, ve_dim=8, ve_layers=(1, 2), recur_layers=(1,), parallel_start_layer=2,
+                        max_seq_len=64)
+    model = t.GPT(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Embedding):
+                m.weight.normal_(0, 0.4)
+            elif isinstance(m, torch.nn.Linear):
+                m.weight.add_(torch.randn_like(m.weight) * 0.15)
+        for name, p in model.named_parameters():
+            if "weight" not in name or p.ndim < 2:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.recur_active = True
+    model.requires_grad_(False)
+    return model
+
+
+def make_luts(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 4, (V,), generator=g).to(torch.int16)
+    space = torch.rand(V, generator=g) < 0.4
+    boundary = torch.rand(V, generator=g) < 0.1
+    base[boundary] = 0
+    return base, space, boundary
+
+
+def make_tokens(n_targets: int, seed: int = 2) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, V, size=n_targets + 1).astype(np.uint16)
+
+
+def evaluator(tokens, seq_len=SEQ, batch_windows=4, luts=None):
+    return t.Evaluator(tokens, seq_len, seq_len * batch_windows, luts or make_luts(), CPU)
+
+
+def changed_after(tokens: np.ndarray, p: int, seed: int = 3) -> np.ndarray:
+    """Copy with every token at index >= p replaced by a different one."""
+    rng = np.random.default_rng(seed)
+    out = tokens.copy()
+    out[p:] = (tokens[p:].astype(np.int64) + rng.integers(1, V, size=len(tokens) - p)) % V
+    assert (out[p:] != tokens[p:]).all()
+    return out
+
+
+def ttt_hp(**over) -> t.Hyperparameters:
+    env = dict(TRAIN_SEQ_LEN=str(SEQ), TRAIN_BATCH_TOKENS=str(SEQ * 8), EVAL_STRIDE=str(STRIDE), VOCAB_SIZE=str(V),
+               NUM_LAYERS="3", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", RECUR_LAYERS="1",
+               VE_LAYERS="1,2", PARALLEL_START_LAYER="2", XSA_LAST_N="3", TTT_ENABLED="1",
+               TTT_CHUNK_TOKENS="48", TTT_EPOCHS="1", TTT_LR="0.05", TTT_BATCH_SEQS="2")
+    env.update({k: str(v) for k, v in over.items()})
+    return t.Hyperparameters.from_env(env)
+
+
+def assert_causal(nll_a, nll_b, p):
+    """Targets < p (dump indices < p-1) identical; targets >= p actually changed."""
+    nll_a, nll_b = np.asarray(nll_a, np.float64), np.asarray(nll_b, np.float64)
+    before = np.abs(nll_a[:p - 1] - nll_b[:p - 1])
+    assert before.max(initial=0.0) <= ATOL, (
+        f"NLL of target {int(before.argmax()) + 1} < p={p} changed by {before.max():.3g} when tokens >= p changed")
+    after = np.abs(nll_a[p - 1:] - nll_b[p - 1:])
+    assert (after > 1e-4).mean() > 0.5, "changing tokens >= p barely changed their NLLs: the check is vacuous"
+
+
+# ---------------------------------------------------------------- sliding_windows
+
+
+def _combos():
+    out = []
+    for L in (1, 3, 16, 64, 128):
+        for S in sorted({1, 3, 5, 7, 16, 48, L}):
+            if S > L:
+                continue
+            for n in (1, 2, 5, 15, 16, 17, 63, 64, 65, 100, 127, 128, 129, 1000, 1001):
+                out.append((n, L, S))
+    return out
+
+
+def test_sliding_windows_cover_every_target_once():
+    for n, seq_len, S in _combos():
+        wins = t.sliding_windows(n, seq_len, S)
+        L = min(seq_len, n)
+        hits = np.zeros(n + 2, dtype=np.int64)
+        for k, (start, fs) in enumerate(wins):
+            assert start >= 0 and start + L <= n, (n, seq_len, S, start)
+            assert 0 <= fs < L, (n, seq_len, S, start, fs)
+            hits[start + fs + 1:start + L + 1] += 1
+            if k == 0:
+                assert (start, fs) == (0, 0), (n, seq_len, S)
+            else:
+                assert fs >= L - S, f"{(n, seq_len, S)}: window {k} scores with only {fs} context < L-S"
+                assert start > wins[k - 1][0], (n, seq_len, S)
+        assert hits[0] == 0 and hits[n + 1] == 0
+        assert (hits[1:n + 1] == 1).all(), f"{(n, seq_len, S)}: targets scored {sorted(set(hits[1:n + 1]))} times"
+        # no wasted windows: one per stride step plus at most one aligned tail
+        assert len(wins) <= max(0, math.ceil((n - L) / S)) + 1, (n, seq_len, S, len(wins))
+
+
+def test_sliding_windows_examples():
+    assert t.sliding_windows(10, 4, 4) == [(0, 0), (4, 0), (6, 2)]
+    assert t.sliding_windows(10, 4, 2) == [(0, 0), (2, 2), (4, 2), (6, 2)]
+    assert t.sliding_windows(3, 8, 2) == [(0, 0)]
+
+
+# ---------------------------------------------------------------- Evaluator vs a straightforward computation
+
+
+def test_stride_equal_seq_len_matches_straightforward_eval():
+    model, luts = make_model(), make_luts()
+    n = SEQ * 7
+    tokens = make_tokens(n)
+    ev = evaluator(tokens, batch_windows=3, luts=luts)  # 7 windows in batches of 3: a ragged last batch
+    r = ev.evaluate(model, SEQ, dump=True)
+    tok = torch.from_numpy(tokens.astype(np.int64))
+    x, y = tok[:-1].view(-1, SEQ), tok[1:].view(-1, SEQ)
+    with torch.no_grad():
+        loss = model(x, y).item()
+        per_pos = model.forward_nll(x, y).reshape(-1)
+    nbytes = int(t.count_bytes(x, y, luts).sum())
+    assert nbytes > 0
+    assert r["loss"] == pytest.approx(loss, rel=1e-6, abs=1e-6)
+    assert r["bpb"] == pytest.approx(loss * n / (math.log(2) * nbytes), rel=1e-6)
+    np.testing.assert_allclose(r["nll"], per_pos.numpy(), atol=ATOL, rtol=0)
+    assert 2.0 < r["loss"] < 12.0  # a real, non-uniform model (log 64 = 4.16)
+
+
+@pytest.mark.parametrize("n,stride", [(150, STRIDE), (150, SEQ), (20, STRIDE), (SEQ, STRIDE), (SEQ + 1, 5),
+                                      (97, 1)])
+def test_dump_has_one_value_per_target(n, stride):
+    model = make_model()
+    ev = evaluator(make_tokens(n, seed=n))
+    stride = min(stride, ev.L)
+    r = ev.evaluate(model, stride, dump=True)
+    nll = r["nll"]
+    assert nll.shape == (n,)
+    assert np.isfinite(nll).all() and (nll > 0).all()
+    assert float(nll.astype(np.float64).sum()) / n == pytest.approx(r["loss"], rel=1e-5)
+    # no-dump evaluation gives the same loss
+    assert ev.evaluate(model, stride)["loss"] == pytest.approx(r["loss"], rel=1e-7, abs=1e-7)
+
+
+def test_sliding_first_window_matches_plain_and_more_context_helps_nothing_leaks():
+    """Targets of the first window are scored identically by any stride; later targets get different
+    (longer-context) NLLs from sliding eval, so the stride really changes the computation."""
+    model = make_model()
+    ev = evaluator(make_tokens(200))
+    plain = ev.evaluate(model, SEQ, dump=True)["nll"]
+    slide = ev.evaluate(model, STRIDE, dump=True)["nll"]
+    np.testing.assert_allclose(slide[:SEQ], plain[:SEQ], atol=ATOL, rtol=0)
+    assert np.abs(slide[SEQ:] - plain[SEQ:]).max() > 1e-3
+
+
+# ---------------------------------------------------------------- causality
+
+
+N_CAUSAL = 200
+# p=99, 110: not multiples of the stride (12), the window length (32) or the TTT chunk (48), and not window
+# starts (99 sits 2 targets into TTT chunk 2, catching training past a chunk end); p=20: inside the first window.
+CAUSAL_P = [99, 110, 20]
+
+
+@pytest.mark.parametrize("p", CAUSAL_P)
+def test_sliding_eval_is_causal(p):
+    model = make_model()
+    tokens = make_tokens(N_CAUSAL)
+    ev_a, ev_b = evaluator(tokens), evaluator(changed_after(tokens, p))
+    for stride in (STRIDE, SEQ):
+        assert_causal(ev_a.evaluate(model, stride, dump=True)["nll"], ev_b.evaluate(model, stride, dump=True)["nll"], p)
+
+
+@pytest.mark.parametrize("p", CAUSAL_P)
+def test_ttt_eval_is_causal(p):
+    model = make_model()
+    hp = ttt_hp()
+    tokens = make_tokens(N_CAUSAL)
+    a = evaluator(tokens).evaluate_ttt(model, hp, dump=True, log=lambda *_: None)["nll"]
+    b = evaluator(changed_after(tokens, p)).evaluate_ttt(model, hp, dump=True, log=lambda *_: None)["nll"]
+    assert_causal(a, b, p)
+
+
+@pytest.mark.parametrize("p", CAUSAL_P)
+def test_slot_eval_is_causal(p):
+    model = make_model()
+    tokens = make_tokens(N_CAUSAL)
+    slot = (4, 0.1)
+    a = evaluator(tokens).evaluate(model, STRIDE, dump=True, slot=slot)["nll"]
+    b = evaluator(changed_after(tokens, p)).evaluate(model, STRIDE, dump=True, slot=slot)["nll"]
+    assert_causal(a, b, p)
+
+
+# ---------------------------------------------------------------- TTT / SLOT equalities
+
+
+def test_ttt_with_zero_lr_equals_sliding_eval():
+    model = make_model()
+    ev = evaluator(make_tokens(N_CAUSAL))
+    plain = ev.evaluate(model, STRIDE, dump=True)
+    ttt = ev.evaluate_ttt(model, ttt_hp(TTT_LR="0"), dump=True, log=lambda *_: None)
+    np.testing.assert_allclose(ttt["nll"], plain["nll"], atol=ATOL, rtol=0)
+    assert ttt["loss"] == pytest.approx(plain["loss"], abs=1e-6)
+    assert ttt["bpb"] == pytest.approx(plain["bpb"], abs=1e-6)
+
+
+def test_ttt_first_chunk_scored_before_any_update():
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ev = evaluator(make_tokens(N_CAUSAL))
+    hp = ttt_hp()
+    C = hp.ttt_chunk_tokens
+    plain = ev.evaluate(model, STRIDE, dump=True)["nll"]
+    ttt = ev.evaluate_ttt(model, hp, dump=True, log=lambda *_: None)["nll"]
+    np.testing.assert_allclose(ttt[:C], plain[:C], atol=ATOL, rtol=0)  # targets 1..C: chunk 0
+    assert np.abs(ttt[2 * C:] - plain[2 * C:]).max() > 1e-3, "TTT with a non-zero lr changed nothing"
+    # the caller's model is untouched (TTT adapts a copy)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_slot_zero_steps_equals_sliding_eval():
+    model = make_model()
+    ev = evaluator(make_tokens(N_CAUSAL))
+    plain = ev.evaluate(model, STRIDE, dump=True)
+    slot0 = ev.evaluate(model, STRIDE, dump=True, slot=(0, 0.5))
+    np.testing.assert_allclose(slot0["nll"], plain["nll"], atol=ATOL, rtol=0)
+    assert slot0["loss"] == pytest.approx(plain["loss"], abs=1e-6)
+    slot = ev.evaluate(model, STRIDE, dump=True, slot=(4, 0.1))
+    # SLOT needs context: the first window's targets are scored plainly; later ones change
+    np.testing.assert_allclose(slot["nll"][:SEQ], plain["nll"][:SEQ], atol=ATOL, rtol=0)
+    assert np.abs(slot["nll"][SEQ:] - plain["nll"][SEQ:]).max() > 1e-3
+
+
+# ---------------------------------------------------------------- SLOT: one delta per window
+
+
+def test_slot_windows_do_not_share_delta_in_evaluator():
+    model = make_model()
+    tokens = make_tokens(N_CAUSAL)
+    one = evaluator(tokens, batch_windows=1).evaluate(model, STRIDE, dump=True, slot=(4, 0.1))
+    many = evaluator(tokens, batch_windows=8).evaluate(model, STRIDE, dump=True, slot=(4, 0.1))
+    assert max(len(b) for b in evaluator(tokens, batch_windows=8).batches(t.sliding_windows(N_CAUSAL, SEQ, STRIDE))) > 1
+    np.testing.assert_allclose(many["nll"], one["nll"], atol=ATOL, rtol=0)
+
+
+def test_slot_nll_batch_equals_each_window_alone():
+    model = make_model()
+    tok = torch.from_numpy(make_tokens(N_CAUSAL).astype(np.int64))
+    starts = [12, 40, 77, 130]
+    x = torch.stack([tok[s:s + SEQ] for s in starts])
+    y = torch.stack([tok[s + 1:s + SEQ + 1] for s in starts])
+    s0 = SEQ - STRIDE
+    batched = t.slot_nll(model, x, y, s0, 5, 0.1, CPU)
+    assert batched.shape == (len(starts), SEQ - s0)
+    with torch.no_grad():
+        plain = model.forward_nll(x, y, s0)
+    assert (batched - plain).abs().max() > 1e-3  # SLOT does something
+    for i in range(len(starts)):
+        alone = t.slot_nll(model, x[i:i + 1], y[i:i + 1], s0, 5, 0.1, CPU)
+        torch.testing.assert_close(batched[i:i + 1], alone, atol=ATOL, rtol=0)
+    # the delta only sees context targets (< s0): changing scored targets leaves other positions' NLL alone
+    y2 = y.clone()
+    y2[:, s0 + 3] = (y2[:, s0 + 3] + 1) % V
+    moved = t.slot_nll(model, x, y2, s0, 5, 0.1, CPU)
+    keep = [j for j in range(SEQ - s0) if j != 3]
+    torch.testing.assert_close(moved[:, keep], batched[:, keep], atol=ATOL, rtol=0)

@@ -1,0 +1,1721 @@
+"""Parameter-golf trainer: SP4096, 11x512 GPT with depth recurrence and parallel residual lanes,
+MuonEq-R, a 600 s wallclock loop, full-Hessian GPTQ int6 + Brotli export and exact sliding-window eval.
+
+Pipeline, top to bottom: hyperparameters -> data -> tokenizer byte accounting -> model -> optimizer
+-> training loop -> quantize/pack -> evaluation -> main.
+Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py   (env vars override every hyperparameter)
+Smoke: SMOKE=1 python train_gpt.py                             (tiny config on the embedded sample)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ============================================================================ hyperparameters
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent setting; reported as one line before any GPU work."""
+
+
+# Every hyperparameter, grouped as in the reference's table; its env var is the name in upper case and its
+# type is the default's. TRAIN_FILES / VAL_FILES (globs) and TOKENIZER_PATH override the DATA_DIR layout.
+HPARAMS = dict(
+    data_dir="./data/", train_files="", val_files="", tokenizer_path="", out_dir=".", run_id="", seed=1337,
+    iterations=20000, warmdown_frac=0.667, warmup_steps=20, max_wallclock_seconds=600.0, min_lr=0.0,
+    train_batch_tokens=786432, train_seq_len=2048, eval_seq_len=0,  # 0: same as TRAIN_SEQ_LEN
+    train_log_every=500, val_batch_tokens=524288, val_loss_every=4000, sliding_window_enabled=True, eval_stride=64,
+    vocab_size=4096, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4.0, xsa_last_n=11,
+    skip_gates_enabled=True, logit_softcap=30.0, rope_base=10000.0, rope_dims=16, ln_scale=True, qk_gain_init=5.0,
+    ve_enabled=True, ve_dim=128, ve_layers="9,10",
+    recur_layers="4,5", recur_start_step=-1, recur_start_frac=0.5,  # the step, when set, wins over the fraction
+    parallel_start_layer=7,  # 0: no parallel lanes
+    tied_embed_lr=0.03, tied_embed_init_std=0.005, matrix_lr=0.02, scalar_lr=0.02,
+    muon_momentum=0.99, muon_backend_steps=5, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
+    muon_wd=0.09, beta1=0.9, beta2=0.95, adam_eps=1e-8, grad_clip_norm=0.3, adam_wd=0.02, embed_wd=0.09,
+    ema_decay=0.997,
+    attn_backend="auto", compile="auto",  # auto|fa3|cudnn|flash|math; auto|0|1 (auto: on for CUDA)
+    gptq_enabled=True, gptq_calibration_batches=64, gptq_reserve_seconds=10.0, artifact_bytes_limit=16_000_000,
+    eval_only="", dump_token_nll="",
+    ttt_enabled=False, ttt_lr=0.002, ttt_epochs=3, ttt_chunk_tokens=32768, ttt_freeze_blocks=0, ttt_momentum=0.9,
+    ttt_batch_seqs=32, ttt_grad_clip=1.0,
+    slot_enabled=False, slot_steps=8, slot_lr=0.005,
+    smoke=False,
+)
+
+
+class Hyperparameters:
+    """HPARAMS read from the environment, plus rank / world_size / local_rank from torchrun's."""
+
+    def __init__(self, **kw):
+        self.__dict__.update({**HPARAMS, "rank": 0, "world_size": 1, "local_rank": 0, **kw})
+
+    @classmethod
+    def from_env(cls, env=None) -> "Hyperparameters":
+        env = dict(os.environ if env is None else env)
+        if env.get("SMOKE", "0") not in ("", "0"):
+            env = {**SMOKE_DEFAULTS, **env}
+        kw = {}
+        for name, default in HPARAMS.items():
+            raw = env.get(name.upper())
+            if raw is None:
+                continue
+            raw, kind = raw.strip(), type(default)
+            try:
+                if kind is bool and raw.lower() not in ("0", "1", "true", "false"):
+                    raise ValueError
+                kw[name] = raw.lower() in ("1", "true") if kind is bool else kind(raw)
+            except ValueError:
+                raise ConfigError(f"{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        for name, default in (("rank", 0), ("world_size", 1), ("local_rank", 0)):
+            kw[name] = int(env.get(name.upper(), default))
+        hp = cls(**kw)
+        hp.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
+        hp.validate()
+        return hp
+
+    # derived values
+    @property
+    def recur(self) -> tuple:
+        return int_list(self.recur_layers, "RECUR_LAYERS")
+
+    @property
+    def ve(self) -> tuple:
+        return int_list(self.ve_layers, "VE_LAYERS") if self.ve_enabled else ()
+
+    @property
+    def grad_accum(self) -> int:
+        return 8 // self.world_size
+
+    @property
+    def train_seqs(self) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.train_batch_tokens // self.train_seq_len
+
+    @property
+    def use_compile(self) -> bool:
+        return self.compile == "1" or (self.compile == "auto" and torch.cuda.is_available())
+
+    def validate(self):
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+        need(self.model_dim % self.num_heads == 0,
+             f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"NUM_HEADS={self.num_heads} is not a multiple of NUM_KV_HEADS={self.num_kv_heads}")
+        head_dim = self.model_dim // self.num_heads
+        need(self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= head_dim,
+             f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
+        need(self.num_layers >= 1, f"NUM_LAYERS={self.num_layers} must be at least 1")
+        for name, layers in (("RECUR_LAYERS", self.recur), ("VE_LAYERS", self.ve)):
+            bad = [l for l in layers if not 0 <= l < self.num_layers]
+            need(not bad, f"{name}={','.join(map(str, layers))} has layers outside 0..{self.num_layers - 1}")
+            need(len(set(layers)) == len(layers) and list(layers) == sorted(layers),
+                 f"{name} must list distinct layers in increasing order")
+        need(0 <= self.parallel_start_layer < self.num_layers,
+             f"PARALLEL_START_LAYER={self.parallel_start_layer} must be in 0..{self.num_layers - 1} (0 = off)")
+        need(self.world_size in (1, 2, 4, 8), f"WORLD_SIZE={self.world_size} must divide 8")
+        need(self.train_batch_tokens % self.train_seq_len == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        need(self.train_seqs % 8 == 0, f"TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN={self.train_seqs} sequences "
+             "must split into 8 equal micro-batches (world_size x grad_accum = 8)")
+        need(1 <= self.eval_stride <= self.eval_seq_len,
+             f"EVAL_STRIDE={self.eval_stride} must be in 1..EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(0 < self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} must fit uint16 tokens")
+        need(0.0 <= self.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={self.warmdown_frac} must be in [0, 1]")
+        need(0.0 <= self.recur_start_frac <= 1.0, f"RECUR_START_FRAC={self.recur_start_frac} must be in [0, 1]")
+        need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay} must be in [0, 1)")
+        need(self.iterations >= 1, f"ITERATIONS={self.iterations} must be at least 1")
+        need(self.max_wallclock_seconds <= 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
+             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} leaves no time after "
+             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}")
+        need(self.attn_backend in ("auto", "fa3", "cudnn", "flash", "math"),
+             f"ATTN_BACKEND={self.attn_backend} must be one of auto|fa3|cudnn|flash|math")
+        need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile} must be auto, 0 or 1")
+        need(self.ttt_chunk_tokens >= 1 and self.ttt_batch_seqs >= 1 and self.ttt_epochs >= 0,
+             "TTT_CHUNK_TOKENS and TTT_BATCH_SEQS must be positive and TTT_EPOCHS non-negative")
+        need(0 <= self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} out of range")
+        need(self.slot_steps >= 0, f"SLOT_STEPS={self.slot_steps} must be non-negative")
+        need(self.gptq_calibration_batches >= 1, "GPTQ_CALIBRATION_BATCHES must be at least 1")
+
+    def lines(self) -> list:
+        return ["Hyperparameters:"] + [f"  {k}: {v}" for k, v in self.__dict__.items()]
+
+
+# A one-minute CPU run on the embedded sample (data/prepare.py sample builds it); env vars still win.
+SMOKE_DEFAULTS = dict(
+    DATA_DIR="data/smoke", OUT_DIR="runs/smoke", VOCAB_SIZE="4096", NUM_LAYERS="4", MODEL_DIM="64",
+    NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", EVAL_STRIDE="32",
+    TRAIN_BATCH_TOKENS="4096", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="60", GPTQ_RESERVE_SECONDS="5",
+    RECUR_LAYERS="1,2", PARALLEL_START_LAYER="3", VE_LAYERS="2,3", XSA_LAST_N="4", VAL_LOSS_EVERY="100",
+    TRAIN_LOG_EVERY="25", GPTQ_CALIBRATION_BATCHES="8", VAL_BATCH_TOKENS="16384", MUON_MOMENTUM_WARMUP_STEPS="100",
+)
+
+
+def int_list(text: str, name: str) -> tuple:
+    try:
+        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} must be a comma-separated list of layer indices") from None
+
+
+# ============================================================================ data
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+class ShardError(ValueError):
+    """A token shard that is missing, truncated or not in the challenge format."""
+
+
+def read_shard_header(path) -> int:
+    """Validate magic, version and exact file size; return the token count."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(SHARD_HEADER_BYTES), dtype="<i4")
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read shard ({e.strerror})") from None
+    if header.size != SHARD_HEADER_INTS:
+        raise ShardError(f"{path}: truncated header ({size} bytes, need {SHARD_HEADER_BYTES})")
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ShardError(f"{path}: bad magic/version {header[0]}/{header[1]} "
+                         f"(expected {SHARD_MAGIC}/{SHARD_VERSION})")
+    n = int(header[2])
+    if n < 0 or size != SHARD_HEADER_BYTES + 2 * n:
+        raise ShardError(f"{path}: header says {n} tokens ({SHARD_HEADER_BYTES + 2 * n} bytes) "
+                         f"but the file has {size} bytes")
+    return n
+
+
+def load_shard(path) -> np.ndarray:
+    """Memory-map a validated shard's tokens as little-endian uint16."""
+    n = read_shard_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,))
+
+
+def data_paths(hp: Hyperparameters) -> tuple:
+    """(train shard list, val shard list, tokenizer path), sorted by file name."""
+    root = Path(hp.data_dir)
+    ds = root / "datasets" / f"fineweb10B_sp{hp.vocab_size}"
+    train = hp.train_files or str(ds / "fineweb_train_*.bin")
+    val = hp.val_files or str(ds / "fineweb_val_*.bin")
+    tok = hp.tokenizer_path or str(root / "tokenizers" / f"fineweb_{hp.vocab_size}_bpe.model")
+    by_name = lambda pattern: sorted(glob.glob(pattern), key=lambda p: (Path(p).name, p))
+    return by_name(train), by_name(val), tok
+
+
+def shard_fingerprint(paths) -> str:
+    """sha256 over names, sizes and headers: identifies the data without reading it."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            h.update(Path(p).name.encode() + struct.pack("<q", os.path.getsize(p)) + f.read(SHARD_HEADER_BYTES))
+    return h.hexdigest()
+
+
+class TrainStream:
+    """Deterministic multi-shard stream of (seq_len+1)-token windows, split disjointly over ranks.
+
+    Every rank runs the same sampler: each shard is walked in a random coprime-stride order of its
+    seq_len blocks (redrawn when exhausted); a step draws its windows from shards in proportion to
+    the blocks they have left, shuffles them, and rank r keeps windows r, r+W, r+2W, ...
+    The RNG depends on SEED and on the shards' names and sizes, not on how their paths are spelled.
+    """
+
+    def __init__(self, paths, seq_len: int, global_seqs: int, rank: int, world: int, seed: int):
+        self.tokens = [load_shard(p) for p in paths]
+        self.seq_len, self.global_seqs, self.rank, self.world = seq_len, global_seqs, rank, world
+        ident = hashlib.sha256("|".join(f"{Path(p).name}:{len(t)}" for p, t in zip(paths, self.tokens)).encode())
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+            [seed & 0xFFFFFFFF, int.from_bytes(ident.digest()[:8], "little")])))
+        usable = [len(t) > seq_len + 1 for t in self.tokens]
+        if not any(usable):
+            raise ShardError(f"no training shard has more than seq_len+1={seq_len + 1} tokens")
+        self.cursors = [self._new_cursor(i) if ok else None for i, ok in enumerate(usable)]
+
+    def _new_cursor(self, i: int) -> list:
+        n = len(self.tokens[i])
+        phase = int(self.rng.integers(0, min(self.seq_len, n - self.seq_len - 1)))
+        blocks = (n - 1 - phase) // self.seq_len
+        stride = 1
+        if blocks > 2:
+            stride = int(self.rng.integers(1, blocks))
+            while math.gcd(stride, blocks) != 1:
+                stride = int(self.rng.integers(1, blocks))
+        return [phase, blocks, int(self.rng.integers(0, blocks)), stride, 0]  # phase, blocks, start, stride, used
+
+    def _take(self, i: int, k: int) -> list:
+        starts = []
+        while k > 0:
+            phase, blocks, start, stride, used = c = self.cursors[i]
+            m = min(k, blocks - used)
+            idx = (start + (used + np.arange(m)) * stride) % blocks
+            starts += [(i, phase + int(b) * self.seq_len) for b in idx]
+            c[4] += m
+            k -= m
+            if c[4] == blocks:
+                self.cursors[i] = self._new_cursor(i)
+        return starts
+
+    def next_windows(self) -> list:
+        """The (shard, start) windows of the next global batch that belong to this rank."""
+        left = np.array([0 if c is None else c[1] - c[4] for c in self.cursors], dtype=np.float64)
+        counts = self.rng.multinomial(self.global_seqs, left / left.sum())
+        windows = [w for i, k in enumerate(counts) if k for w in self._take(i, int(k))]
+        order = self.rng.permutation(len(windows))
+        return [windows[j] for j in order[self.rank::self.world]]
+
+    def next_batch(self) -> torch.Tensor:
+        """(global_seqs / world, seq_len + 1) int32 tokens for this rank."""
+        L = self.seq_len + 1
+        return torch.from_numpy(np.stack([self.tokens[i][s:s + L] for i, s in self.next_windows()]).astype(np.int32))
+
+
+def load_val_tokens(paths, seq_len: int) -> np.ndarray:
+    """All val shards concatenated, truncated to a whole number of seq_len windows plus one token."""
+    tokens = np.concatenate([load_shard(p) for p in paths])
+    usable = (len(tokens) - 1) // seq_len * seq_len
+    if usable <= 0:
+        raise ShardError(f"validation has {len(tokens)} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
+    return np.ascontiguousarray(tokens[:usable + 1])
+
+
+# ============================================================================ tokenizer byte accounting
+
+
+def build_byte_luts(sp, vocab_size: int) -> tuple:
+    """Per-token (base_bytes, has_leading_space, is_boundary) for tokenizer-agnostic BPB.
+
+    bytes(target) = base_bytes[target] + (has_space[target] and not is_boundary[previous token]).
+    Control/unknown/unused ids are boundaries with 0 bytes; byte-fallback pieces are 1 byte;
+    other pieces count the UTF-8 bytes of their text with a leading U+2581 turned into the space bit.
+    """
+    base = np.zeros(vocab_size, dtype=np.int16)
+    space = np.zeros(vocab_size, dtype=np.bool_)
+    boundary = np.ones(vocab_size, dtype=np.bool_)
+    for t in range(min(sp.get_piece_size(), vocab_size)):
+        if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
+            continue
+        boundary[t] = False
+        piece = sp.id_to_piece(t)
+        if sp.is_byte(t):
+            base[t] = 1
+            continue
+        if piece.startswith("\u2581"):
+            space[t], piece = True, piece[1:]
+        base[t] = len(piece.encode("utf-8"))
+    return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary)
+
+
+def count_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts) -> torch.Tensor:
+    base, space, boundary = luts
+    return base[tgt].long() + (space[tgt] & ~boundary[prev]).long()
+
+
+# ============================================================================ model
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Everything that fixes the network's shape and init; stored in the artifact."""
+    vocab_size: int = 4096
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 4.0
+    xsa_last_n: int = 11
+    skip_gates: bool = True
+    logit_softcap: float = 30.0
+    rope_base: float = 10000.0
+    rope_dims: int = 16
+    ln_scale: bool = True
+    ve_dim: int = 128
+    ve_layers: tuple = (9, 10)
+    qk_gain_init: float = 5.0
+    recur_layers: tuple = (4, 5)
+    parallel_start_layer: int = 7
+    max_seq_len: int = 2048
+    embed_init_std: float = 0.005
+
+    @classmethod
+    def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
+        return cls(vocab_size=hp.vocab_size, num_layers=hp.num_layers, model_dim=hp.model_dim,
+                   num_heads=hp.num_heads, num_kv_heads=hp.num_kv_heads, mlp_mult=hp.mlp_mult,
+                   xsa_last_n=hp.xsa_last_n, skip_gates=hp.skip_gates_enabled, logit_softcap=hp.logit_softcap,
+                   rope_base=hp.rope_base, rope_dims=hp.rope_dims, ln_scale=hp.ln_scale,
+                   ve_dim=hp.ve_dim if hp.ve else 0, ve_layers=hp.ve, qk_gain_init=hp.qk_gain_init,
+                   recur_layers=hp.recur, parallel_start_layer=hp.parallel_start_layer,
+                   max_seq_len=max(hp.train_seq_len, hp.eval_seq_len), embed_init_std=hp.tied_embed_init_std)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        for k in ("ve_layers", "recur_layers"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def causal_attention(q, k, v, backend: str):
+    """q: (B,T,H,D), k/v: (B,T,Hkv,D) -> (B,T,H,D). SDPA's kernel is picked by the global backend flags."""
+    if backend == "fa3":
+        out = _flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.size(1) != k.size(1)
+    if gqa and backend == "sdpa-expand":  # kernels without native GQA get repeated K/V
+        rep = q.size(1) // k.size(1)
+        k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+
+
+try:  # FlashAttention-3 (Hopper), used when importable
+    from flash_attn_interface import flash_attn_func as _flash_attn_func
+except ImportError:
+    _flash_attn_func = None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, xsa: bool):
+        super().__init__()
+        d, self.h, self.hkv = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads
+        self.hd = d // self.h
+        self.c_q = nn.Linear(d, d, bias=False)
+        self.c_k = nn.Linear(d, self.hkv * self.hd, bias=False)
+        self.c_v = nn.Linear(d, self.hkv * self.hd, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.proj.zero_init = True
+        self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
+        self.xsa, self.rope_dims, self.backend = xsa, cfg.rope_dims, "sdpa"
+        half = cfg.rope_dims // 2
+        inv_freq = cfg.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2 / max(cfg.rope_dims, 1))
+        ang = torch.arange(cfg.max_seq_len, dtype=torch.float64)[:, None] * inv_freq[None]
+        self.register_buffer("cos", ang.cos().float(), persistent=False)
+        self.register_buffer("sin", ang.sin().float(), persistent=False)
+
+    def rope(self, x):
+        """Partial RoPE on the first rope_dims of each head (halves rotated against each other)."""
+        half, T = self.rope_dims // 2, x.size(1)
+        if half == 0:
+            return x
+        cos, sin = self.cos[None, :T, None].to(x.dtype), self.sin[None, :T, None].to(x.dtype)
+        x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+    def forward(self, u, ve=None):
+        B, T, _ = u.shape
+        q = self.c_q(u).view(B, T, self.h, self.hd)
+        k = self.c_k(u).view(B, T, self.hkv, self.hd)
+        v = self.c_v(u).view(B, T, self.hkv, self.hd)
+        if ve is not None:
+            v = v + ve.view(B, T, self.hkv, self.hd)
+        q, k = self.rope(rms_norm(q)), self.rope(rms_norm(k))  # parameter-free QK-norm, then RoPE
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v, self.backend)
+        if self.xsa:  # exclusive self-attention: drop the component along the token's own value
+            g = self.h // self.hkv
+            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            y = y.view(B, T, self.hkv, g, self.hd)
+            y = y - (y * vn).sum(-1, keepdim=True) * vn
+        return self.proj(y.reshape(B, T, self.h * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+        self.proj.zero_init = True
+
+    def forward(self, x):
+        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d = cfg.model_dim
+        self.attn = Attention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.ln = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        if 0 < cfg.parallel_start_layer <= layer:
+            # cross-lane routes (attn->mlp lane, mlp->attn lane); zero init = isolated lanes
+            self.lane_route = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x, x0, ve):
+        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        x = x + self.attn_scale * self.attn(rms_norm(x) * self.ln, ve)
+        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.ln)
+
+    def forward_lanes(self, a, m, x0, ve):
+        """Parallel residual lanes: attention reads lane a, the MLP reads lane m, learned cross-routes."""
+        a = self.resid_mix[0] * a + self.resid_mix[1] * x0
+        att = self.attn_scale * self.attn(rms_norm(a) * self.ln, ve)
+        mlp = self.mlp_scale * self.mlp(rms_norm(m) * self.ln)
+        return a + att + self.lane_route[1] * mlp, m + mlp + self.lane_route[0] * att
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg, n, d = cfg, cfg.num_layers, cfg.model_dim
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.blocks = nn.ModuleList(Block(cfg, l) for l in range(n))
+        # U-Net skips: layer s's output feeds layer n-1-s; pairs that would feed a layer its own
+        # input (n-1-s <= s+1) are left out, so every skip row is used and gets a gradient.
+        self.skip_pairs = [(s, n - 1 - s) for s in range(n) if n - 1 - s > s + 1]
+        self.skip_into = {dst: j for j, (_, dst) in enumerate(self.skip_pairs)}
+        self.skip_sources = {s for s, _ in self.skip_pairs}
+        self.skip_weights = nn.Parameter(torch.ones(len(self.skip_pairs), d))
+        self.skip_gates = nn.Parameter(torch.zeros(len(self.skip_pairs), d)) if cfg.skip_gates else None
+        if cfg.ve_dim and cfg.ve_layers:
+            kv_dim = cfg.num_kv_heads * (d // cfg.num_heads)
+            self.ve_embed = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
+            self.ve_proj = nn.Linear(cfg.ve_dim, kv_dim, bias=False)
+            self.ve_scale = nn.Parameter(torch.tensor(0.1))
+            self.ve_layer_scales = nn.Parameter(torch.ones(len(cfg.ve_layers)))
+        self.ve_index = {l: i for i, l in enumerate(cfg.ve_layers)} if cfg.ve_dim else {}
+        self.lanes_from = cfg.parallel_start_layer
+        if self.lanes_from:
+            self.lane_merge = nn.Parameter(torch.tensor(0.5))
+        r = list(cfg.recur_layers)
+        self.recur_order = list(range(n)) if not r else list(range(r[-1] + 1)) + r + list(range(r[-1] + 1, n))
+        self.recur_active = False
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.normal_(self.tok_emb.weight, std=self.cfg.embed_init_std)
+        if hasattr(self, "ve_embed"):
+            nn.init.normal_(self.ve_embed.weight, std=0.01)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.weight) if getattr(m, "zero_init", False) else nn.init.orthogonal_(m.weight)
+
+    def layer_order(self) -> list:
+        return self.recur_order if self.recur_active else list(range(self.cfg.num_layers))
+
+    def _skip(self, x, j, src):
+        s = self.skip_weights[j] * src
+        if self.skip_gates is None:
+            return x + s
+        g = torch.sigmoid(self.skip_gates[j])
+        return g * x + (1 - g) * s
+
+    def hidden(self, ids):
+        """Final normalized hidden state (B, T, d)."""
+        x = x0 = rms_norm(self.tok_emb(ids))
+        ve_base = self.ve_proj(self.ve_embed(ids)) * self.ve_scale if self.ve_index else None
+        outs, lanes = {}, None
+        for l in self.layer_order():
+            blk = self.blocks[l]
+            ve = ve_base * self.ve_layer_scales[self.ve_index[l]] if l in self.ve_index else None
+            if l in self.skip_into:
+                j = self.skip_into[l]
+                src = outs[self.skip_pairs[j][0]]
+                if lanes is None:
+                    x = self._skip(x, j, src)
+                else:
+                    lanes = (self._skip(lanes[0], j, src), self._skip(lanes[1], j, src))
+            if lanes is None and self.lanes_from and l >= self.lanes_from:
+                lanes = (x, x)  # fork into attention and MLP lanes
+            if lanes is None:
+                x = blk(x, x0, ve)
+            else:
+                lanes = blk.forward_lanes(*lanes, x0, ve)
+            if l in self.skip_sources:
+                outs[l] = x if lanes is None else self._merge(*lanes)
+        if lanes is not None:
+            x = self._merge(*lanes)
+        return rms_norm(x)
+
+    def _merge(self, a, m):
+        return self.lane_merge * a + (1 - self.lane_merge) * m
+
+    def logits(self, h):
+        """Tied head with tanh softcap, fp32."""
+        z, c = F.linear(h, self.tok_emb.weight).float(), self.cfg.logit_softcap
+        if torch.is_grad_enabled():
+            return c * torch.tanh(z / c)
+        return z.div_(c).tanh_().mul_(c)  # in place: CPU eval is bound by passes over the logits
+
+    def forward(self, ids, targets):
+        """Mean next-token cross-entropy (nats)."""
+        logits = self.logits(self.hidden(ids))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def forward_nll(self, ids, targets, start: int = 0):
+        """Per-position NLL of targets[:, start:] (positions before start only give context)."""
+        logits = self.logits(self.hidden(ids)[:, start:])
+        return F.cross_entropy(logits.flatten(0, 1), targets[:, start:].flatten(), reduction="none").view_as(
+            targets[:, start:])
+
+
+def matmul_params_per_token(model: GPT, recur: bool) -> int:
+    """Weights each token multiplies through (recurrent layers counted per pass, plus the head)."""
+    per_layer = [sum(p.numel() for m in b.modules() if isinstance(m, nn.Linear) for p in m.parameters())
+                 for b in model.blocks]
+    order = model.recur_order if recur else range(len(model.blocks))
+    ve = model.ve_proj.weight.numel() if model.ve_index else 0
+    return sum(per_layer[l] for l in order) + model.tok_emb.weight.numel() + ve
+
+
+# ============================================================================ optimizer
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz5(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximate orthogonalization of a batch of matrices (B, r, c) by a quintic Newton-Schulz."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16() if G.is_cuda else G.float()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+def muoneq_r_update(U: torch.Tensor, steps: int) -> torch.Tensor:
+    """MuonEq-R: normalize each row, orthogonalize, rescale for non-square shapes."""
+    U = U / U.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(U.dtype)
+    X = newton_schulz5(U, steps)
+    return X * math.sqrt(max(1.0, U.size(-2) / U.size(-1)))
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum + MuonEq-R + decoupled weight decay.
+
+    Matrices are grouped by shape and orthogonalized in batches; matrix i of the flat list is owned by
+    rank i % world, and the updates are summed into every rank through one flat all-reduce.
+    """
+
+    def __init__(self, params, lr, momentum, ns_steps, wd, rank=0, world=1, ns_fn=muoneq_r_update):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, ns_steps=ns_steps, wd=wd))
+        self.rank, self.world, self.ns_fn = rank, world, ns_fn
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            ps = group["params"]
+            mom, lr, wd = group["momentum"], group["lr"], group["wd"]
+            mine = [i for i in range(len(ps)) if i % self.world == self.rank]
+            sizes = [p.numel() for p in ps]
+            offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+            dev = ps[0].device
+            flat = torch.zeros(offsets[-1], device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+            by_shape = {}
+            for i in mine:
+                by_shape.setdefault(tuple(ps[i].shape), []).append(i)
+            for idx in by_shape.values():
+                grads = [ps[i].grad for i in idx]
+                bufs = []
+                for i, g in zip(idx, grads):
+                    st = self.state[ps[i]]
+                    if "buf" not in st:
+                        st["buf"] = torch.zeros_like(g)
+                    bufs.append(st["buf"])
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_add_(bufs, grads)
+                nesterov = torch._foreach_add(grads, bufs, alpha=mom)
+                upd = self.ns_fn(torch.stack(nesterov), group["ns_steps"])
+                for i, u in zip(idx, upd):
+                    flat[offsets[i]:offsets[i + 1]] = u.reshape(-1)
+            if self.world > 1:
+                dist.all_reduce(flat)
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+            torch._foreach_add_(ps, [flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype) for i, p in enumerate(ps)],
+                                alpha=-lr)
+
+
+def param_groups(model: GPT) -> tuple:
+    """(matrices for Muon, embedding tables, everything else) - by module type, not by name."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    embed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    ps = list(model.parameters())
+    return ([p for p in ps if id(p) in linear], [p for p in ps if id(p) in embed],
+            [p for p in ps if id(p) not in linear and id(p) not in embed])
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters, ns_fn=muoneq_r_update) -> list:
+    mats, embeds, scalars = param_groups(model)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, **fused)
+    opts = [Muon(mats, hp.matrix_lr, hp.muon_momentum_warmup_start, hp.muon_backend_steps, hp.muon_wd,
+                 hp.rank, hp.world_size, ns_fn),
+            torch.optim.AdamW(embeds, lr=hp.tied_embed_lr, weight_decay=hp.embed_wd, **adam),
+            torch.optim.AdamW(scalars, lr=hp.scalar_lr, weight_decay=hp.adam_wd, **adam)]
+    for opt in opts:
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return opts
+
+
+def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
+    """Flat, then linear to zero over the last warmdown_frac of the budget (floored at min_lr)."""
+    if warmdown_frac <= 0 or frac < 1.0 - warmdown_frac:
+        return 1.0
+    return max((1.0 - frac) / warmdown_frac, min_lr)
+
+
+def muon_momentum(step: int, hp: Hyperparameters) -> float:
+    t = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
+    return hp.muon_momentum_warmup_start + t * (hp.muon_momentum - hp.muon_momentum_warmup_start)
+
+
+class EMA:
+    """fp32 shadow of every parameter. The decay warms up as min(decay, (1+t)/(10+t)), so a short
+    run is not dominated by the initial weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.t = decay, 0
+        self.params = list(model.parameters())
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.t) / (10 + self.t))
+
+    @torch.no_grad()
+    def update(self):
+        d = self.current_decay()
+        self.t += 1
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
+
+    @torch.no_grad()
+    def apply_to(self, model: nn.Module):
+        for p, s in zip(model.parameters(), self.shadow):
+            p.copy_(s.to(p.dtype))
+
+
+# ============================================================================ training loop
+
+
+class AgreedClock:
+    """Elapsed training time that all ranks agree on, with no host sync per step.
+
+    Each step's host-measured time is all-reduced (MAX) on the device and read back `lag` steps
+    later, so every rank derives the same LR, recurrence switch and stop decision.
+    """
+
+    def __init__(self, device: torch.device, world: int, lag: int = 2):
+        self.device, self.world = device, world
+        self.lag = lag if device.type == "cuda" else 0
+        self.pending, self.value, self.value_step = [], 0.0, 0
+
+    def push(self, step: int, ms: float):
+        t = torch.tensor([ms], dtype=torch.float64)
+        if self.device.type != "cuda":
+            if self.world > 1:
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            self.value, self.value_step = t.item(), step
+            return
+        dev = t.pin_memory().to(self.device, non_blocking=True)
+        if self.world > 1:
+            dist.all_reduce(dev, op=dist.ReduceOp.MAX)
+        out = torch.empty(1, dtype=torch.float64, pin_memory=True)
+        out.copy_(dev, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self.pending.append((step, out, ev))
+        while len(self.pending) > self.lag:
+            s, out, ev = self.pending.pop(0)
+            ev.synchronize()
+            self.value, self.value_step = out.item(), s
+
+    def estimate(self, step: int) -> float:
+        """Agreed elapsed time extrapolated to `step` by the mean step time so far."""
+        if self.value_step == 0:
+            return self.value
+        return self.value + (step - self.value_step) * self.value / self.value_step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast_ctx(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    return (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t).long()
+
+
+def train_step(model, base, opts, tokens, hp, step: int, lr_mult: float, device):
+    """One optimizer step over grad_accum micro-batches; returns the mean loss as a device tensor."""
+    accum = hp.grad_accum
+    total = torch.zeros((), device=device)
+    for i, mb in enumerate(tokens.chunk(accum)):
+        defer = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and i < accum - 1 \
+            else nullcontext()
+        with defer:
+            with autocast_ctx(device):
+                loss = model(mb[:, :-1], mb[:, 1:])
+            (loss / accum).backward()
+        total += loss.detach()
+    for opt in opts:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_mult
+    opts[0].param_groups[0]["momentum"] = muon_momentum(step, hp)
+    if hp.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(base.parameters(), hp.grad_clip_norm)
+    for opt in opts:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total / accum
+
+
+def peak_memory_line(device) -> str:
+    if device.type == "cuda":
+        return (f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return f"peak memory allocated: {rss} MiB reserved: {rss} MiB (cpu max rss)"
+
+
+def peak_flops(device) -> float:
+    """Dense bf16 peak per GPU, for the MFU estimate; 0 when unknown."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in (("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12))
+                 if k in name), 0.0)
+
+
+def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r_update) -> dict:
+    """Compile warmup (both graphs), then the wallclock-capped loop. Leaves the EMA in `base`."""
+    use_recur = bool(base.cfg.recur_layers)
+    if hp.use_compile and hp.warmup_steps > 0:
+        saved = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        opts, stream = build_optimizers(base, hp, ns_fn), make_stream()
+        switch = hp.warmup_steps // 2 if use_recur else hp.warmup_steps
+        for i in range(hp.warmup_steps):
+            base.recur_active = i >= switch
+            train_step(model, base, opts, to_device(stream.next_batch(), device), hp, i, 1.0, device)
+            if i + 1 <= 6 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
+                log(f"warmup_step: {i + 1}/{hp.warmup_steps}")
+        base.load_state_dict(saved)  # restore weights; optimizers and the stream are rebuilt below
+        base.recur_active = False
+        del opts, stream, saved
+    opts, stream = build_optimizers(base, hp, ns_fn), make_stream()
+    ema = EMA(base, hp.ema_decay)
+    cap_ms = 1000 * (hp.max_wallclock_seconds - hp.gptq_reserve_seconds) if hp.max_wallclock_seconds > 0 else 0
+    if cap_ms:
+        log(f"gptq:reserving {hp.gptq_reserve_seconds:g}s, effective={cap_ms:.0f}ms")
+    clock = AgreedClock(device, hp.world_size)
+    flops = {r: 6 * matmul_params_per_token(base, r) + 6 * len(base.recur_order if r else base.blocks)
+             * hp.train_seq_len * hp.model_dim for r in (False, True)}  # matmuls + causal attention, fwd+bwd
+    step, stop, train_ms, total_flops = 0, False, 0.0, 0.0
+    tokens_per_step, iters = hp.train_batch_tokens, hp.iterations
+    sync(device)
+    t0 = time.perf_counter()
+    next_tokens = to_device(stream.next_batch(), device)
+    while True:
+        last = step == iters or stop
+        if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
+            sync(device)
+            train_ms += 1000 * (time.perf_counter() - t0)
+            if stop:
+                log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{iters}")
+            vl, vb = val_fn(base)
+            log(f"{step}/{iters} val_loss: {vl:.4f} val_bpb: {vb:.4f} train_time: {train_ms / 60000:.2f}m")
+            sync(device)
+            t0 = time.perf_counter()
+        if last:
+            break
+        frac = clock.estimate(step) / cap_ms if cap_ms else step / iters
+        if use_recur and not base.recur_active and (
+                step >= hp.recur_start_step if hp.recur_start_step >= 0 else frac >= hp.recur_start_frac):
+            base.recur_active = True
+            log(f"recurrence:activated at step {step}, virtual_layers={base.recur_order}")
+        tokens = next_tokens
+        loss = train_step(model, base, opts, tokens, hp, step, lr_multiplier(frac, hp.warmdown_frac, hp.min_lr),
+                          device)
+        ema.update()
+        total_flops += flops[base.recur_active] * tokens_per_step
+        step += 1
+        if step < iters:
+            next_tokens = to_device(stream.next_batch(), device)  # host work overlaps the queued step
+        now_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        clock.push(step, now_ms)
+        if step <= 5 or (hp.train_log_every > 0 and step % hp.train_log_every == 0):
+            sync(device)
+            now_ms = train_ms + 1000 * (time.perf_counter() - t0)
+            log(f"{step}/{iters} train_loss: {loss.item():.4f} train_time: {now_ms / 60000:.2f}m "
+                f"tok/s: {step * tokens_per_step / (now_ms / 1000):.0f}")
+        if cap_ms and clock.estimate(step) >= cap_ms:
+            stop = True
+    log(peak_memory_line(device))
+    tok_s = step * tokens_per_step / max(train_ms / 1000, 1e-9)
+    peak = peak_flops(device) * hp.world_size
+    mfu = f"{100 * total_flops / (train_ms / 1000) / peak:.1f}%" if peak else "n/a"
+    log(f"train_summary: steps: {step} train_time: {train_ms:.0f}ms tok/s: {tok_s:.0f} mfu: {mfu}")
+    log("ema:applying EMA weights")
+    ema.apply_to(base)
+    base.recur_active = use_recur
+    return dict(steps=step, train_ms=train_ms)
+
+
+# ============================================================================ quantize / pack
+
+INT6_MAX, INT8_MAX = 31, 127
+CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # per-row clip candidates, as fractions of the row max
+ARTIFACT_MAGIC = b"PGQ1"
+BROTLI_CHUNK = 4 << 20  # independent Brotli streams, compressed in parallel
+
+
+class FitError(RuntimeError):
+    """The artifact cannot be brought under ARTIFACT_BYTES_LIMIT."""
+
+
+def quant_plan(model: GPT) -> dict:
+    """name -> 'int6' (Linear weights, GPTQ), 'int8' (embedding tables), 'fp16' (vectors and scalars)."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    embed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {n: "int6" if id(p) in linear else "int8" if id(p) in embed else "fp16" for n, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches, device, world: int) -> dict:
+    """H = sum X^T X of each int6 Linear's input over `batches`, summed over ranks, divided by the count.
+    c_q/c_k/c_v read the same input, so they share one Hessian."""
+    plan, hs, hooks, count = quant_plan(model), {}, [], torch.zeros((), device=device)
+
+    def add(names):
+        def hook(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].size(-1)).float()
+            H = hs.get(names[0])
+            if H is None:
+                H = hs[names[0]] = torch.zeros(x.size(1), x.size(1), device=device)
+                for n in names[1:]:
+                    hs[n] = H
+            H.addmm_(x.T, x)
+        return hook
+
+    for mname, mod in model.named_modules():
+        if isinstance(mod, Attention):
+            names = [f"{mname}.{c}.weight" for c in ("c_q", "c_k", "c_v") if plan[f"{mname}.{c}.weight"] == "int6"]
+            if names:
+                hooks.append(mod.register_forward_pre_hook(add(names)))
+        elif isinstance(mod, nn.Linear) and plan.get(f"{mname}.weight") == "int6" and not mname.endswith(
+                (".c_q", ".c_k", ".c_v")):
+            hooks.append(mod.register_forward_pre_hook(add([f"{mname}.weight"])))
+    for tokens in batches:
+        tokens = to_device(tokens, device)
+        with autocast_ctx(device):
+            model.hidden(tokens[:, :-1])
+        count += 1
+    for h in hooks:
+        h.remove()
+    if world > 1:
+        dist.all_reduce(count)
+    unique = {id(H): H for H in hs.values()}
+    for H in unique.values():
+        if world > 1:
+            dist.all_reduce(H)
+        H /= count
+    return hs
+
+
+def _row_scales(W: torch.Tensor, qmax: int, fracs) -> torch.Tensor:
+    """(K, rows) candidate scales, rounded to fp16 as stored."""
+    amax = W.abs().amax(dim=1)
+    s = torch.stack([amax * f / qmax for f in fracs]).clamp_min(1e-7)
+    return s.half().float()
+
+
+def _pick_rows(W, Q, S, H):
+    """Per row, the candidate with the least (Hessian-weighted) squared error."""
+    K, rows = S.shape
+    D = W.unsqueeze(0) - Q * S.unsqueeze(-1)
+    err = ((D @ H) * D).sum(-1) if H is not None else D.square().sum(-1)
+    best = err.argmin(0)
+    ar = torch.arange(rows, device=W.device)
+    return Q[best, ar].to(torch.int8), S[best, ar].half()
+
+
+def rtn_quantize(W: torch.Tensor, qmax: int, fracs=CLIP_FRACTIONS, H=None) -> tuple:
+    """Round-to-nearest per row with the clip chosen per row."""
+    W = W.float()
+    S = _row_scales(W, qmax, fracs)
+    Q = torch.clamp(torch.round(W.unsqueeze(0) / S.unsqueeze(-1)), -qmax, qmax)
+    return _pick_rows(W, Q, S, H)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, qmax: int = INT6_MAX, fracs=CLIP_FRACTIONS,
+                  block: int = 128, damp: float = 0.01) -> tuple:
+    """Full-Hessian GPTQ per row: act-order, damping, lazy block updates. Every clip candidate runs
+    through GPTQ (rows are independent, so candidates are stacked as extra rows) and each row keeps
+    the candidate with the least Hessian-weighted error. Returns (int8 q, fp16 scale)."""
+    W, H = W.float().clone(), H.float().clone()
+    rows, cols = W.shape
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0.0
+    H_err = H.clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    perm = torch.argsort(H.diagonal(), descending=True)
+    inv = torch.argsort(perm)
+    L, info = torch.linalg.cholesky_ex(H[perm][:, perm])
+    if info.item() != 0:
+        return rtn_quantize(W, qmax, fracs, H_err)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    S = _row_scales(W, qmax, fracs)
+    K = S.size(0)
+    Wk = W[:, perm].repeat(K, 1)
+    s = S.reshape(-1, 1)
+    Q = torch.zeros_like(Wk)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Ub = Wk[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            w = W1[:, i:i + 1]
+            q = torch.clamp(torch.round(w / s), -qmax, qmax)
+            Q[:, i1 + i:i1 + i + 1] = q
+            err = (w - q * s) / Ub[i, i]
+            W1[:, i:] -= err * Ub[i:i + 1, i:]
+            E1[:, i:i + 1] = err
+        Wk[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return _pick_rows(W, Q[:, inv].view(K, rows, cols), S, H_err)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float().unsqueeze(1)
+
+
+def quantize_model(model: GPT, hessians: dict, use_gptq: bool, rank: int, world: int) -> dict:
+    """name -> entry dict. int6 solves are spread over ranks (largest first) and broadcast from their owner."""
+    plan, sd = quant_plan(model), {k: v.detach() for k, v in model.named_parameters()}
+    entries, load = {}, [0] * world
+    int6 = sorted((n for n, k in plan.items() if k == "int6"), key=lambda n: -sd[n].numel())
+    owner = {}
+    for n in int6:
+        owner[n] = load.index(min(load))
+        load[owner[n]] += sd[n].numel() * sd[n].size(1)
+    for name, kind in plan.items():
+        w = sd[name]
+        if kind == "fp16":
+            entries[name] = dict(kind="fp16", data=w.half())
+        elif kind == "int8":
+            q, s = rtn_quantize(w, INT8_MAX)
+            entries[name] = dict(kind="int8", q=q, scale=s)
+        elif owner[name] == rank:
+            H = hessians.get(name)
+            q, s = gptq_quantize(w, H) if use_gptq and H is not None else rtn_quantize(w, INT6_MAX, H=H)
+            entries[name] = dict(kind="int6", q=q, scale=s)
+        else:
+            entries[name] = dict(kind="int6", q=torch.empty(w.shape, dtype=torch.int8, device=w.device),
+                                 scale=torch.empty(w.size(0), dtype=torch.float16, device=w.device))
+    if world > 1:
+        for n in int6:
+            dist.broadcast(entries[n]["q"], src=owner[n])
+            dist.broadcast(entries[n]["scale"], src=owner[n])
+    return entries
+
+
+def dequantize_entries(entries: dict) -> dict:
+    return {n: e["data"].float() if e["kind"] == "fp16" else dequantize(e["q"], e["scale"])
+            for n, e in entries.items()}
+
+
+def _planes(b: bytes, width: int) -> bytes:
+    """Byte-plane transform: all first bytes, then all second bytes, ... (helps Brotli on fp16)."""
+    return np.frombuffer(b, np.uint8).reshape(-1, width).T.tobytes()
+
+
+def _unplanes(b: bytes, width: int) -> bytes:
+    return np.frombuffer(b, np.uint8).reshape(width, -1).T.tobytes()
+
+
+def pack_artifact(entries: dict, cfg: ModelConfig) -> bytes:
+    """Our own flat format (no pickle): JSON header, then sections grouped by kind so similar bytes sit
+    together: int6 codes, int8 codes, fp16 scales (byte planes), fp16 tensors (byte planes)."""
+    names = list(entries)
+    header = dict(config=dataclasses.asdict(cfg),
+                  tensors=[dict(name=n, kind=entries[n]["kind"], shape=list(
+                      (entries[n]["q"] if entries[n]["kind"] != "fp16" else entries[n]["data"]).shape))
+                      for n in names])
+    raw = lambda t: t.detach().contiguous().cpu().numpy().tobytes()
+    sections = [
+        b"".join(raw(entries[n]["q"]) for n in names if entries[n]["kind"] == "int6"),
+        b"".join(raw(entries[n]["q"]) for n in names if entries[n]["kind"] == "int8"),
+        _planes(b"".join(raw(entries[n]["scale"]) for n in names if entries[n]["kind"] != "fp16"), 2),
+        _planes(b"".join(raw(entries[n]["data"]) for n in names if entries[n]["kind"] == "fp16"), 2),
+    ]
+    hj = json.dumps(header, separators=(",", ":")).encode()
+    return ARTIFACT_MAGIC + struct.pack("<I", len(hj)) + hj + b"".join(sections)
+
+
+def unpack_artifact(blob: bytes) -> tuple:
+    """Inverse of pack_artifact: (ModelConfig, entries on CPU)."""
+    if blob[:4] != ARTIFACT_MAGIC:
+        raise ValueError("not a PGQ1 artifact")
+    (hl,) = struct.unpack("<I", blob[4:8])
+    header = json.loads(blob[8:8 + hl])
+    pos = 8 + hl
+    tensors = header["tensors"]
+    numel = lambda t: int(np.prod(t["shape"]))
+    sizes = [sum(numel(t) for t in tensors if t["kind"] == "int6"),
+             sum(numel(t) for t in tensors if t["kind"] == "int8"),
+             2 * sum(t["shape"][0] for t in tensors if t["kind"] != "fp16"),
+             2 * sum(numel(t) for t in tensors if t["kind"] == "fp16")]
+    secs = []
+    for size in sizes:
+        secs.append(blob[pos:pos + size])
+        pos += size
+    if pos != len(blob):
+        raise ValueError(f"artifact body has {len(blob) - pos} unexpected trailing bytes")
+    codes = {"int6": np.frombuffer(secs[0], np.int8), "int8": np.frombuffer(secs[1], np.int8)}
+    scales = np.frombuffer(_unplanes(secs[2], 2), np.float16)
+    halves = np.frombuffer(_unplanes(secs[3], 2), np.float16)
+    off = {"int6": 0, "int8": 0, "scale": 0, "fp16": 0}
+    entries = {}
+    for t in tensors:
+        n, k, shape = numel(t), t["kind"], t["shape"]
+        if k == "fp16":
+            entries[t["name"]] = dict(kind=k, data=torch.from_numpy(halves[off["fp16"]:off["fp16"] + n].copy())
+                                      .view(shape))
+            off["fp16"] += n
+            continue
+        q = torch.from_numpy(codes[k][off[k]:off[k] + n].copy()).view(shape)
+        s = torch.from_numpy(scales[off["scale"]:off["scale"] + shape[0]].copy())
+        off[k] += n
+        off["scale"] += shape[0]
+        entries[t["name"]] = dict(kind=k, q=q, scale=s)
+    return ModelConfig.from_dict(header["config"]), entries
+
+
+def compress(blob: bytes, threads: int = 0) -> bytes:
+    """Brotli quality 11 over independent 4 MiB chunks in parallel (Brotli releases the GIL)."""
+    import brotli
+    chunks = [blob[i:i + BROTLI_CHUNK] for i in range(0, len(blob), BROTLI_CHUNK)]
+    with ThreadPoolExecutor(threads or min(len(chunks), os.cpu_count() or 1)) as ex:
+        parts = list(ex.map(lambda c: brotli.compress(c, quality=11, lgwin=24), chunks))
+    return struct.pack("<I", len(parts)) + b"".join(struct.pack("<I", len(p)) for p in parts) + b"".join(parts)
+
+
+def decompress(data: bytes) -> bytes:
+    import brotli
+    (n,) = struct.unpack("<I", data[:4])
+    lens = struct.unpack(f"<{n}I", data[4:4 + 4 * n])
+    pos, out = 4 + 4 * n, []
+    for ln in lens:
+        out.append(brotli.decompress(data[pos:pos + ln]))
+        pos += ln
+    return b"".join(out)
+
+
+def prune_candidates(entries: dict, hessians: dict) -> tuple:
+    """All int6 codes equal to +-1, ordered by the damage of zeroing them: scale^2 * H_jj."""
+    names, flat_idx, costs = [], [], []
+    for n, e in entries.items():
+        if e["kind"] != "int6":
+            continue
+        q = e["q"].reshape(-1)
+        idx = torch.nonzero(q.abs() == 1).squeeze(1)
+        cols = e["q"].size(1)
+        hd = hessians[n].diagonal() if n in hessians else torch.ones(cols, device=q.device)
+        cost = e["scale"].float()[idx // cols].square() * hd.to(q.device)[idx % cols]
+        names.append(n)
+        flat_idx.append(idx)
+        costs.append(cost)
+    if not names:
+        return [], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    owner = torch.cat([torch.full((len(i),), j, dtype=torch.long, device=i.device) for j, i in enumerate(flat_idx)])
+    order = torch.argsort(torch.cat(costs), stable=True)
+    return names, owner[order].cpu(), torch.cat(flat_idx)[order].cpu()
+
+
+def apply_prune(entries: dict, cands: tuple, k: int) -> dict:
+    names, owner, idx = cands
+    out = dict(entries)
+    for j, n in enumerate(names):
+        sel = idx[:k][owner[:k] == j]
+        if len(sel):
+            q = entries[n]["q"].clone()
+            q.view(-1)[sel.to(q.device)] = 0
+            out[n] = dict(entries[n], q=q)
+    return out
+
+
+def fit_artifact(entries: dict, cfg: ModelConfig, hessians: dict, code_bytes: int, limit: int, log) -> tuple:
+    """Compress; while code + model bytes exceed the limit, zero the cheapest +-1 codes and measure again.
+    Returns (entries actually packed, compressed bytes). Raises FitError when it cannot fit."""
+    if code_bytes >= limit:
+        raise FitError(f"code alone is {code_bytes} bytes, over ARTIFACT_BYTES_LIMIT={limit}")
+    data = compress(pack_artifact(entries, cfg))
+    if code_bytes + len(data) <= limit:
+        return entries, data
+    cands = prune_candidates(entries, hessians)
+    total0, k, total = code_bytes + len(data), 0, code_bytes + len(data)
+    log(f"selective_prune: {total0} bytes is {total0 - limit} over {limit}; {len(cands[1])} +-1 candidates")
+    while total > limit:
+        if k == len(cands[1]):
+            raise FitError(f"pruning every +-1 code still leaves {total} bytes > ARTIFACT_BYTES_LIMIT={limit}")
+        rate = (total0 - total) / k if k and total0 > total else 1 / 8  # bytes saved per pruned code
+        k = min(len(cands[1]), k + math.ceil((total - limit) / rate * 1.15) + 64)
+        pruned = apply_prune(entries, cands, k)
+        data = compress(pack_artifact(pruned, cfg))
+        total = code_bytes + len(data)
+        log(f"selective_prune: zeroed {k} codes -> total {total} bytes")
+    return pruned, data
+
+
+def write_atomic(path: Path, data: bytes):
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_artifact(path) -> tuple:
+    return unpack_artifact(decompress(Path(path).read_bytes()))
+
+
+def check_roundtrip(packed: dict, loaded: dict):
+    """The artifact's tensors must equal what the quantizer produced, bit for bit."""
+    if list(packed) != list(loaded):
+        raise RuntimeError("artifact roundtrip: tensor names differ")
+    for n, e in packed.items():
+        for key in ("q", "scale", "data"):
+            if key in e and not torch.equal(e[key].cpu(), loaded[n][key]):
+                raise RuntimeError(f"artifact roundtrip: {n}.{key} differs from the quantizer output")
+
+
+# ============================================================================ evaluation
+
+
+def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list:
+    """(start, first_scored) per window over targets 1..n_targets; every target is scored exactly once.
+
+    Window `start` reads tokens[start : start+L] and predicts targets start+1 .. start+L. The first
+    window scores all its positions; each later one (start += stride) scores only the targets after the
+    previous window's end; the last window is aligned to end exactly at n_targets."""
+    L = min(seq_len, n_targets)
+    wins, prev_end, start = [], 0, 0
+    while True:
+        start = min(start, n_targets - L)
+        wins.append((start, prev_end - start))
+        prev_end = start + L
+        if prev_end >= n_targets:
+            return wins
+        start += stride
+
+
+class Evaluator:
+    """Scores windows of the validation stream on this rank's share and reduces over ranks."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_tokens: int, luts, device, rank=0, world=1,
+                 compile_fn=None):
+        self.tok = torch.from_numpy(tokens.astype(np.int64)).to(device)
+        self.n = len(tokens) - 1
+        self.L, self.device, self.rank, self.world = min(seq_len, self.n), device, rank, world
+        # cap a batch's fp32 logits (1 GiB on GPU, 32 MiB on CPU), whatever VAL_BATCH_TOKENS says
+        cap = (1 << 28 if device.type == "cuda" else 1 << 23) // (self.L * len(luts[0]))
+        self.batch = max(1, min(batch_tokens // (seq_len * world), cap))
+        self.luts = tuple(t.to(device) for t in luts)
+        self.compiled, self.compile_fn = compile_fn is not None, compile_fn or (lambda f: f)
+        self._scorers = {}
+
+    def scorer(self, model):
+        if id(model) not in self._scorers:
+            self._scorers[id(model)] = self.compile_fn(model.forward_nll)
+        return self._scorers[id(model)]
+
+    def batches(self, wins):
+        """This rank's contiguous share of `wins`, in batches of equal first_scored."""
+        lo, hi = self.rank * len(wins) // self.world, (self.rank + 1) * len(wins) // self.world
+        mine, out = wins[lo:hi], []
+        i = 0
+        while i < len(mine):
+            j = i
+            while j < len(mine) and j - i < self.batch and mine[j][1] == mine[i][1]:
+                j += 1
+            out.append(mine[i:j])
+            i = j
+        return out
+
+    def gather(self, batch):
+        starts = torch.tensor([w[0] for w in batch], device=self.device)
+        idx = starts[:, None] + torch.arange(self.L + 1, device=self.device)
+        seq = self.tok[idx]
+        return seq[:, :-1], seq[:, 1:], batch[0][1]
+
+    def score_batch(self, model, batch, slot=None):
+        """NLL (b, L - s0) of the scored positions of a batch of windows."""
+        x, y, s0 = self.gather(batch)
+        if slot is not None:
+            return slot_nll(model, x, y, s0, *slot, self.device)
+        pad = self.batch - len(batch) if self.compiled else 0
+        if pad:  # keep compiled shapes static
+            x, y = torch.cat([x, x[-1:].expand(pad, -1)]), torch.cat([y, y[-1:].expand(pad, -1)])
+        with torch.no_grad(), autocast_ctx(self.device):
+            return self.scorer(model)(x, y, s0)[:len(batch)].float()
+
+    def new_totals(self):
+        return torch.zeros(3, dtype=torch.float64, device=self.device)  # nll sum, targets, bytes
+
+    def accumulate(self, totals, batch, nll, dump):
+        x, y, s0 = self.gather(batch)
+        totals[0] += nll.double().sum()
+        totals[1] += nll.numel()
+        totals[2] += count_bytes(x[:, s0:], y[:, s0:], self.luts).sum()
+        if dump is not None:
+            pos = torch.tensor([w[0] + s0 for w in batch], device=self.device)[:, None] + \
+                torch.arange(self.L - s0, device=self.device)
+            dump[pos.reshape(-1)] = nll.reshape(-1).float()
+
+    def finish(self, totals, dump, t0):
+        if self.world > 1:
+            dist.all_reduce(totals)
+            if dump is not None:
+                dist.all_reduce(dump)
+        nll, n, nbytes = totals.tolist()
+        if int(n) != self.n:
+            raise RuntimeError(f"scored {int(n)} targets, expected exactly {self.n}")
+        sync(self.device)
+        return dict(loss=nll / n, bpb=nll / (math.log(2) * nbytes), ms=1000 * (time.perf_counter() - t0),
+                    nll=None if dump is None else dump.cpu().numpy())
+
+    def evaluate(self, model, stride: int, dump=False, slot=None) -> dict:
+        """Sliding-window eval (stride = seq_len gives the plain non-overlapping eval)."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        totals = self.new_totals()
+        buf = torch.zeros(self.n, device=self.device) if dump else None
+        for batch in self.batches(sliding_windows(self.n, self.L, stride)):
+            self.accumulate(totals, batch, self.score_batch(model, batch, slot), buf)
+        return self.finish(totals, buf, t0)
+
+    def evaluate_ttt(self, model, hp, dump=False, log=print) -> dict:
+        """Legal score-first TTT: chunk c's windows are scored under no_grad with the weights adapted on
+        chunks < c only; then the model trains on chunk c's (already scored) tokens."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        m = copy.deepcopy(model)
+        m.requires_grad_(True)
+        for blk in m.blocks[:hp.ttt_freeze_blocks]:
+            blk.requires_grad_(False)
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        C = hp.ttt_chunk_tokens
+        n_chunks = math.ceil(self.n / C)
+        by_chunk = [[] for _ in range(n_chunks)]
+        for w in sliding_windows(self.n, self.L, hp.eval_stride):
+            by_chunk[(w[0] + w[1]) // C].append(w)
+        totals = self.new_totals()
+        buf = torch.zeros(self.n, device=self.device) if dump else None
+        for c in range(n_chunks):
+            for batch in self.batches(by_chunk[c]):
+                self.accumulate(totals, batch, self.score_batch(m, batch), buf)
+            if c == n_chunks - 1 or hp.ttt_epochs == 0:
+                continue
+            lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(1, n_chunks - 1)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            lo, hi = c * C, min((c + 1) * C, self.n)  # targets lo+1..hi: all scored by now
+            seqs = [(s, min(s + self.L, hi)) for s in range(lo, hi, self.L)]
+            for _ in range(hp.ttt_epochs):
+                for b0 in range(0, len(seqs), hp.ttt_batch_seqs):
+                    group = seqs[b0:b0 + hp.ttt_batch_seqs]
+                    n_tgt = sum(e - s for s, e in group)
+                    for s, e in group[self.rank::self.world]:
+                        with autocast_ctx(self.device):
+                            loss = m(self.tok[None, s:e], self.tok[None, s + 1:e + 1]) * ((e - s) / n_tgt)
+                        loss.backward()
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        if self.world > 1:
+                            dist.all_reduce(p.grad)
+                    if hp.ttt_grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            if (c + 1) % max(1, n_chunks // 10) == 0:
+                log(f"ttt_chunk [{c + 1}/{n_chunks}] lr: {lr:.6f}")
+        return self.finish(totals, buf, t0)
+
+
+def slot_nll(model, x, y, s0: int, steps: int, lr: float, device):
+    """Context-only SLOT: one additive delta per window (b, 1, d) on the final hidden state, fitted with
+    AdamW to that window's already-scored context positions (< s0) only, then used on the new ones."""
+    with torch.no_grad(), autocast_ctx(device):
+        h = model.hidden(x).float()
+    delta = torch.zeros(h.size(0), 1, h.size(2), device=device, requires_grad=True)
+    if s0 > 0 and steps > 0:
+        opt = torch.optim.AdamW([delta], lr=lr, weight_decay=0.0)
+        for _ in range(steps):
+            with autocast_ctx(device):
+                logits = model.logits(h[:, :s0] + delta)
+            nll = F.cross_entropy(logits.transpose(1, 2), y[:, :s0], reduction="none")
+            opt.zero_grad(set_to_none=True)
+            nll.mean(dim=1).sum().backward()  # sum of per-window means: windows never share a gradient
+            opt.step()
+    with torch.no_grad(), autocast_ctx(device):
+        logits = model.logits(h[:, s0:] + delta)
+    return F.cross_entropy(logits.transpose(1, 2), y[:, s0:], reduction="none")
+
+
+# ============================================================================ main
+
+
+class PreflightError(RuntimeError):
+    """Missing or inconsistent data, tokenizer, artifact or output folder; one line, exit 2."""
+
+
+def preflight(hp: Hyperparameters) -> dict:
+    """Check everything a run needs before any GPU work; nothing is written."""
+    train, val, tok = data_paths(hp)
+    get = f"run `python data/prepare.py download --variant sp{hp.vocab_size}` or set DATA_DIR"
+    if not Path(tok).is_file():
+        raise PreflightError(f"tokenizer not found at {tok}: {get} (or TOKENIZER_PATH)")
+    import sentencepiece as spm
+    try:
+        sp = spm.SentencePieceProcessor(model_file=tok)
+    except Exception as e:
+        raise PreflightError(f"{tok} is not a SentencePiece model ({e})") from None
+    if sp.get_piece_size() != hp.vocab_size:
+        raise PreflightError(f"tokenizer {tok} has {sp.get_piece_size()} pieces but VOCAB_SIZE={hp.vocab_size}: "
+                             "set VOCAB_SIZE to match or point TOKENIZER_PATH at the right model")
+    if not train and not hp.eval_only:
+        raise PreflightError(f"no training shards match {hp.train_files or data_paths(hp)[0] or 'the DATA_DIR layout'}"
+                             f" under {hp.data_dir}: {get} (or TRAIN_FILES)")
+    if not val:
+        raise PreflightError(f"no validation shards found under {hp.data_dir}: {get} (or VAL_FILES)")
+    try:
+        for p in train + val:
+            read_shard_header(p)
+        val_tokens = load_val_tokens(val, hp.eval_seq_len)
+    except ShardError as e:
+        raise PreflightError(f"{e}: re-download or rebuild it with data/prepare.py") from None
+    if int(val_tokens.max()) >= hp.vocab_size:
+        raise PreflightError(f"validation holds token id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}: "
+                             "shards and tokenizer do not match")
+    artifact = None
+    if hp.eval_only:
+        try:
+            artifact = load_artifact(hp.eval_only)
+        except Exception as e:
+            raise PreflightError(f"EVAL_ONLY={hp.eval_only}: cannot load artifact ({e})") from None
+        if artifact[0].vocab_size != hp.vocab_size:
+            raise PreflightError(f"EVAL_ONLY artifact has vocab {artifact[0].vocab_size} but VOCAB_SIZE={hp.vocab_size}")
+    out = Path(hp.out_dir).resolve()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PreflightError(f"output folder {out} is not writable: set OUT_DIR to a writable folder")
+    return dict(train=train, val=val, tokenizer=tok, sp=sp, val_tokens=val_tokens, artifact=artifact)
+
+
+def ensure_smoke_data(hp: Hyperparameters):
+    """SMOKE=1: build shards from the embedded sample once (data/prepare.py sample)."""
+    train, val, tok = data_paths(hp)
+    if train and val and Path(tok).is_file():
+        return
+    if hp.world_size > 1:
+        raise ConfigError("SMOKE=1 runs as one process: use plain `python train_gpt.py`")
+    script = Path(__file__).resolve().parent / "data" / "prepare.py"
+    if not script.is_file():
+        raise PreflightError(f"SMOKE=1 needs {script} to build its data")
+    print(f"smoke: building shards from the embedded sample into {hp.data_dir}", flush=True)
+    if subprocess.run([sys.executable, str(script), "sample", "--out", hp.data_dir]).returncode:
+        raise PreflightError("smoke: data/prepare.py sample failed (see above)")
+
+
+class Logger:
+    """Rank 0 only: stdout and logs/<RUN_ID>.txt."""
+
+    def __init__(self, path, enabled: bool):
+        self.path, self.f = path, open(path, "a", encoding="utf-8") if enabled else None
+
+    def __call__(self, msg: str):
+        if self.f:
+            print(msg, flush=True)
+            self.f.write(msg + "\n")
+            self.f.flush()
+
+
+def init_runtime(hp: Hyperparameters) -> torch.device:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", hp.local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // hp.world_size))
+    if hp.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch._dynamo.config.cache_size_limit = 32
+    torch._dynamo.config.optimize_ddp = False
+    return device
+
+
+def select_attention(hp: Hyperparameters, device, cfg: ModelConfig) -> tuple:
+    """(mode for causal_attention, label for the log): FA3 when importable, else the first SDPA kernel that
+    runs causal GQA at our head shape, cuDNN first (faster than flash on H100 at our shape)."""
+    if device.type != "cuda":
+        if hp.attn_backend not in ("auto", "math"):
+            raise ConfigError(f"ATTN_BACKEND={hp.attn_backend} needs CUDA; on CPU use auto or math")
+        return "sdpa", "sdpa (cpu)"
+    hd = cfg.model_dim // cfg.num_heads
+    order = ["fa3", "cudnn", "flash", "math"] if hp.attn_backend == "auto" else [hp.attn_backend]
+    for kind in order:
+        if kind == "fa3" and _flash_attn_func is None:
+            continue
+        for mode in (["fa3"] if kind == "fa3" else ["sdpa", "sdpa-expand"]):
+            for name in ("cudnn", "flash", "mem_efficient", "math"):
+                getattr(torch.backends.cuda, f"enable_{name}_sdp")(name == kind)
+            try:
+                q = torch.randn(2, 256, cfg.num_heads, hd, device=device, dtype=torch.bfloat16, requires_grad=True)
+                kv = torch.randn(2, 256, cfg.num_kv_heads, hd, device=device, dtype=torch.bfloat16)
+                causal_attention(q, kv, kv, mode).float().sum().backward()
+                torch.cuda.synchronize(device)
+            except Exception:
+                continue
+            return mode, kind if mode == "fa3" else f"{kind} ({'native gqa' if mode == 'sdpa' else 'expanded kv'})"
+    raise ConfigError(f"ATTN_BACKEND={hp.attn_backend}: no attention kernel ran on this GPU")
+
+
+def environment_lines(hp, device, attn_label: str, data: dict) -> list:
+    def git(*args):
+        try:
+            r = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                               timeout=10)
+            return r.stdout.strip() if r.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "--short=12", "HEAD") or "unavailable"
+    if commit != "unavailable" and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    cuda = device.type == "cuda"
+    if cuda:
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        gpu = ", ".join(f"{n} x{names.count(n)}" for n in dict.fromkeys(names))
+    else:
+        gpu = f"none (cpu, {os.cpu_count()} cores)"
+    return [
+        f"code_sha256: {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}",
+        f"env: python: {platform.python_version()}",
+        f"env: torch: {torch.__version__}",
+        f"env: cuda: {torch.version.cuda if cuda else None}",
+        f"env: cudnn: {torch.backends.cudnn.version() if cuda else None}",
+        f"env: nccl: {'.'.join(map(str, torch.cuda.nccl.version())) if cuda else None}",
+        f"env: gpu: {gpu}",
+        f"env: world_size: {hp.world_size} grad_accum: {hp.grad_accum}",
+        f"env: attention_backend: {attn_label}",
+        f"env: compile: {hp.use_compile}",
+        f"env: git_commit: {commit}",
+        f"env: tokenizer: {data['tokenizer']} sha256: {hashlib.sha256(Path(data['tokenizer']).read_bytes()).hexdigest()}",
+        f"env: tokenizer_sha256: {hashlib.sha256(Path(data['tokenizer']).read_bytes()).hexdigest()}",
+        f"env: data_fingerprint: {shard_fingerprint(data['train'] + data['val'])} "
+        f"(train_shards: {len(data['train'])} val_shards: {len(data['val'])})",
+    ]
+
+
+def build_model(cfg: ModelConfig, device, attn_mode: str) -> GPT:
+    model = GPT(cfg).to(device)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = attn_mode
+    return model
+
+
+def final_evals(hp, cfg: ModelConfig, entries: dict, evaluator: Evaluator, device, attn_mode, log) -> dict:
+    """Dequantize the artifact into a fresh model and run every enabled evaluation."""
+    model = build_model(cfg, device, attn_mode)
+    model.load_state_dict({k: v.to(device) for k, v in dequantize_entries(entries).items()})
+    model.recur_active = bool(cfg.recur_layers)
+    model.requires_grad_(False)
+    runs = [("final_int6_roundtrip", lambda d: evaluator.evaluate(model, evaluator.L, dump=d))]
+    if hp.sliding_window_enabled:
+        runs.append(("final_int6_sliding_window", lambda d: evaluator.evaluate(model, hp.eval_stride, dump=d)))
+    reported = runs[-1][0]
+    if hp.ttt_enabled:
+        runs.append(("final_int6_ttt", lambda d: evaluator.evaluate_ttt(model, hp, dump=d, log=log)))
+    if hp.slot_enabled:
+        log("slot: context-only SLOT is an eval-time optimization; its score is a non-record result")
+        runs.append(("final_int6_slot", lambda d: evaluator.evaluate(
+            model, hp.eval_stride, dump=d, slot=(hp.slot_steps, hp.slot_lr))))
+    results, total_ms = {}, 0.0
+    for name, fn in runs:
+        suffix = {"final_int6_ttt": ".ttt", "final_int6_slot": ".slot"}.get(name, "")
+        dump = hp.dump_token_nll and (name == reported or suffix)
+        r = fn(bool(dump))
+        total_ms += r["ms"]
+        log(f"{name} val_loss:{r['loss']:.8f} val_bpb:{r['bpb']:.8f} eval_time:{r['ms']:.0f}ms")
+        if dump and hp.rank == 0:
+            path = Path(hp.dump_token_nll)
+            path = path.with_name(path.stem + suffix + ".npy") if suffix else path
+            np.save(path, r["nll"].astype(np.float32))
+            log(f"dump_token_nll: {name} -> {path} ({len(r['nll'])} targets)")
+        results[name] = r
+    log(f"eval_total: {total_ms:.0f}ms")
+    if total_ms > 600_000:
+        log(f"WARNING: evaluations took {total_ms / 1000:.0f}s, over the challenge's 600s evaluation limit")
+    return results
+
+
+def main(env=None) -> int:
+    env = dict(os.environ if env is None else env)
+    rank0 = int(env.get("RANK", "0")) == 0
+    try:
+        hp = Hyperparameters.from_env(env)
+        if hp.smoke:
+            ensure_smoke_data(hp)
+        data = preflight(hp)
+    except (ConfigError, PreflightError) as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(hp, data)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(hp: Hyperparameters, data: dict) -> int:
+    device = init_runtime(hp)
+    is_main = hp.rank == 0
+    out = Path(hp.out_dir)
+    hp.run_id = hp.run_id or str(uuid.uuid4())
+    if is_main:
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+    if hp.world_size > 1:
+        dist.barrier()
+    log = Logger(out / "logs" / f"{hp.run_id}.txt", is_main)
+    log(f"run_id: {hp.run_id} started: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+    cfg = data["artifact"][0] if hp.eval_only else ModelConfig.from_hparams(hp)
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, hp.eval_seq_len))
+    attn_mode, attn_label = select_attention(hp, device, cfg)
+    for line in environment_lines(hp, device, attn_label, data) + hp.lines():
+        log(line)
+    luts = build_byte_luts(data["sp"], hp.vocab_size)
+    compile_fn = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if hp.use_compile else None
+    evaluator = Evaluator(data["val_tokens"], hp.eval_seq_len, hp.val_batch_tokens, luts, device, hp.rank,
+                          hp.world_size, compile_fn)
+    val = torch.from_numpy(data["val_tokens"].astype(np.int64))
+    log(f"train_shards: {len(data['train'])}")
+    log(f"val_tokens: {evaluator.n}")
+    log(f"val_bytes: {int(count_bytes(val[:-1], val[1:], luts).sum())}")
+    code_bytes = Path(__file__).stat().st_size
+    artifact_path = out / "final_model.int6.ptz"
+    if hp.eval_only:
+        size = Path(hp.eval_only).stat().st_size
+        log(f"eval_only: {hp.eval_only} model config from the artifact: {dataclasses.asdict(cfg)}")
+        log(f"Serialized model int6+brotli: {size} bytes")
+        log(f"Code size: {code_bytes} bytes")
+        log(f"Total submission size int6+brotli: {size + code_bytes} bytes")
+        final_evals(hp, cfg, data["artifact"][1], evaluator, device, attn_mode, log)
+        return 0
+
+    torch.manual_seed(hp.seed)
+    base = build_model(cfg, device, attn_mode)
+    log(f"model_params:{sum(p.numel() for p in base.parameters())}")
+    model = torch.compile(base, dynamic=False, fullgraph=True) if hp.use_compile else base
+    if hp.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    ns_fn = torch.compile(muoneq_r_update) if hp.use_compile else muoneq_r_update
+    stream = lambda seed, seqs: TrainStream(data["train"], hp.train_seq_len, seqs, hp.rank, hp.world_size, seed)
+    stats = train(hp, base, model, device, lambda: stream(hp.seed, hp.train_seqs),
+                  lambda m: (lambda r: (r["loss"], r["bpb"]))(evaluator.evaluate(m, evaluator.L)), log, ns_fn)
+
+    # GPTQ calibration (training data, inside the budget), quantization spread over ranks
+    sync(device)
+    t0 = time.perf_counter()
+    calib = stream(hp.seed + 1, hp.train_seqs // hp.grad_accum)  # one micro-batch per rank per call
+    n_batches = max(1, hp.gptq_calibration_batches // hp.world_size)
+    hessians = collect_hessians(base, (calib.next_batch() for _ in range(n_batches)), device, hp.world_size)
+    sync(device)
+    hess_ms = 1000 * (time.perf_counter() - t0)
+    entries = quantize_model(base, hessians, hp.gptq_enabled, hp.rank, hp.world_size)
+    sync(device)
+    quant_ms = 1000 * (time.perf_counter() - t0) - hess_ms
+    kinds = {k: [n for n, e in entries.items() if e["kind"] == k] for k in ("int6", "int8", "fp16")}
+    count = lambda names: sum(dict(base.named_parameters())[n].numel() for n in names)
+    log(f"gptq:hessians {len({id(h) for h in hessians.values()})} from {n_batches * hp.world_size} batches "
+        f"in {hess_ms:.0f}ms")
+    log(f"gptq:quantized in {quant_ms:.0f}ms ({'full GPTQ' if hp.gptq_enabled else 'round-to-nearest'}): "
+        + " ".join(f"{k}: {len(v)} tensors / {count(v)} params" for k, v in kinds.items()))
+    gptq_ms = hess_ms + quant_ms
+    if gptq_ms > 1000 * hp.gptq_reserve_seconds:
+        log(f"WARNING: GPTQ took {gptq_ms:.0f}ms, over GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}")
+    log(f"training_budget: train_ms: {stats['train_ms']:.0f} gptq_ms: {gptq_ms:.0f} "
+        f"total_ms: {stats['train_ms'] + gptq_ms:.0f} limit_ms: {1000 * hp.max_wallclock_seconds:.0f}")
+
+    r = evaluator.evaluate(base, evaluator.L)
+    log(f"pre-quantization post-ema val_loss:{r['loss']:.8f} val_bpb:{r['bpb']:.8f} eval_time:{r['ms']:.0f}ms")
+
+    status = torch.zeros(1, device=device)
+    if is_main:
+        raw = io.BytesIO()
+        torch.save(base.state_dict(), raw)
+        write_atomic(out / "final_model.pt", raw.getvalue())
+        log(f"Serialized model: {len(raw.getvalue())} bytes")
+        log(f"Code size: {code_bytes} bytes")
+        try:
+            packed, blob = fit_artifact(entries, cfg, hessians, code_bytes, hp.artifact_bytes_limit, log)
+            write_atomic(artifact_path, blob)
+            size = artifact_path.stat().st_size
+            log(f"Serialized model int6+brotli: {size} bytes")
+            log(f"Total submission size int6+brotli: {size + code_bytes} bytes")
+            check_roundtrip(packed, load_artifact(artifact_path)[1])
+            status += 1
+        except FitError as e:
+            log(f"error: {e}")
+    if hp.world_size > 1:
+        dist.broadcast(status, 0)
+    if status.item() == 0:
+        return 1
+    final_evals(hp, cfg, load_artifact(artifact_path)[1], evaluator, device, attn_mode, log)
+    log(f"artifact: {artifact_path.resolve()}")
+    log(f"log: {Path(log.path).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
