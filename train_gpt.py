@@ -35,10 +35,9 @@ import torch.nn.functional as F
 
 # ============================================================================ hyperparameters
 
-
 class ConfigError(ValueError):
-    """An impossible or inconsistent setting; reported as one line before any GPU work."""
-
+    """An impossible setting, or missing/mismatched data, tokenizer, artifact or output folder: reported as one
+    line before any GPU work, exit code 2, nothing written."""
 
 # Every hyperparameter, grouped as in the reference's table; its env var is the name in upper case and its
 # type is the default's. TRAIN_FILES / VAL_FILES (globs) and TOKENIZER_PATH override the DATA_DIR layout.
@@ -64,7 +63,6 @@ HPARAMS = dict(
     slot_enabled=False, slot_steps=8, slot_lr=0.005,
     smoke=False,
 )
-
 
 class Hyperparameters:
     """HPARAMS read from the environment, plus rank / world_size / local_rank from torchrun's."""
@@ -122,48 +120,38 @@ class Hyperparameters:
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
-        need(self.model_dim % self.num_heads == 0,
-             f"MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
-        need(self.num_heads % self.num_kv_heads == 0,
-             f"NUM_HEADS={self.num_heads} is not a multiple of NUM_KV_HEADS={self.num_kv_heads}")
-        head_dim = self.model_dim // self.num_heads
-        need(self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= head_dim,
-             f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
-        need(self.num_layers >= 1, f"NUM_LAYERS={self.num_layers} must be at least 1")
-        for name, layers in (("RECUR_LAYERS", self.recur), ("VE_LAYERS", self.ve)):
-            bad = [l for l in layers if not 0 <= l < self.num_layers]
-            need(not bad, f"{name}={','.join(map(str, layers))} has layers outside 0..{self.num_layers - 1}")
-            need(len(set(layers)) == len(layers) and list(layers) == sorted(layers),
-                 f"{name} must list distinct layers in increasing order")
-        need(0 <= self.parallel_start_layer < self.num_layers,
-             f"PARALLEL_START_LAYER={self.parallel_start_layer} must be in 0..{self.num_layers - 1} (0 = off)")
-        need(self.world_size in (1, 2, 4, 8), f"WORLD_SIZE={self.world_size} must divide 8")
-        need(self.train_batch_tokens % self.train_seq_len == 0,
-             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
-        need(self.train_seqs % 8 == 0, f"TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN={self.train_seqs} sequences "
-             "must split into 8 equal micro-batches (world_size x grad_accum = 8)")
-        need(1 <= self.eval_stride <= self.eval_seq_len,
-             f"EVAL_STRIDE={self.eval_stride} must be in 1..EVAL_SEQ_LEN={self.eval_seq_len}")
-        need(0 < self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} must fit uint16 tokens")
-        need(0.0 <= self.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={self.warmdown_frac} must be in [0, 1]")
-        need(0.0 <= self.recur_start_frac <= 1.0, f"RECUR_START_FRAC={self.recur_start_frac} must be in [0, 1]")
-        need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay} must be in [0, 1)")
-        need(self.iterations >= 1, f"ITERATIONS={self.iterations} must be at least 1")
-        need(self.max_wallclock_seconds <= 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
-             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} leaves no time after "
-             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}")
-        need(self.attn_backend in ("auto", "fa3", "cudnn", "flash", "math"),
-             f"ATTN_BACKEND={self.attn_backend} must be one of auto|fa3|cudnn|flash|math")
-        need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile} must be auto, 0 or 1")
-        need(self.ttt_chunk_tokens >= 1 and self.ttt_batch_seqs >= 1 and self.ttt_epochs >= 0,
-             "TTT_CHUNK_TOKENS and TTT_BATCH_SEQS must be positive and TTT_EPOCHS non-negative")
-        need(0 <= self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} out of range")
-        need(self.slot_steps >= 0, f"SLOT_STEPS={self.slot_steps} must be non-negative")
-        need(self.gptq_calibration_batches >= 1, "GPTQ_CALIBRATION_BATCHES must be at least 1")
+        h, last = self, self.num_layers - 1
+        need(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}")
+        need(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not a multiple of NUM_KV_HEADS")
+        hd = h.model_dim // h.num_heads
+        need(h.rope_dims % 2 == 0 and 0 <= h.rope_dims <= hd, f"ROPE_DIMS={h.rope_dims} must be even, <= {hd}")
+        need(h.num_layers >= 1, f"NUM_LAYERS={h.num_layers} must be at least 1")
+        for name, layers in (("RECUR_LAYERS", h.recur), ("VE_LAYERS", h.ve)):
+            need(all(0 <= l <= last for l in layers), f"{name}={layers} has layers outside 0..{last}")
+            need(list(layers) == sorted(set(layers)), f"{name} must list distinct layers in increasing order")
+        need(0 <= h.parallel_start_layer <= last, f"PARALLEL_START_LAYER={h.parallel_start_layer} not in 0..{last}")
+        need(h.world_size in (1, 2, 4, 8), f"WORLD_SIZE={h.world_size} must divide 8")
+        need(h.train_batch_tokens % h.train_seq_len == 0,
+             f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
+        need(h.train_seqs % 8 == 0, f"TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN={h.train_seqs} sequences must split into "
+             "8 equal micro-batches (world_size x grad_accum = 8)")
+        need(1 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride} not in 1..EVAL_SEQ_LEN")
+        need(0 < h.vocab_size <= 65536, f"VOCAB_SIZE={h.vocab_size} must fit uint16 tokens")
+        for name in ("warmdown_frac", "recur_start_frac"):
+            need(0.0 <= getattr(h, name) <= 1.0, f"{name.upper()}={getattr(h, name)} must be in [0, 1]")
+        need(0.0 <= h.ema_decay < 1.0, f"EMA_DECAY={h.ema_decay} must be in [0, 1)")
+        need(h.iterations >= 1 and h.gptq_calibration_batches >= 1, "ITERATIONS, GPTQ_CALIBRATION_BATCHES must be >= 1")
+        need(h.max_wallclock_seconds <= 0 or h.max_wallclock_seconds > h.gptq_reserve_seconds,
+             f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no time after GPTQ_RESERVE_SECONDS")
+        need(h.attn_backend in ("auto", "fa3", "cudnn", "flash", "math"),
+             f"ATTN_BACKEND={h.attn_backend} must be one of auto|fa3|cudnn|flash|math")
+        need(h.compile in ("auto", "0", "1"), f"COMPILE={h.compile} must be auto, 0 or 1")
+        need(h.ttt_chunk_tokens >= 1 and h.ttt_batch_seqs >= 1 and h.ttt_epochs >= 0 and h.slot_steps >= 0,
+             "TTT_CHUNK_TOKENS and TTT_BATCH_SEQS must be positive, TTT_EPOCHS and SLOT_STEPS non-negative")
+        need(0 <= h.ttt_freeze_blocks <= h.num_layers, f"TTT_FREEZE_BLOCKS={h.ttt_freeze_blocks} out of range")
 
     def lines(self) -> list:
         return ["Hyperparameters:"] + [f"  {k}: {v}" for k, v in self.__dict__.items()]
-
 
 # A one-minute CPU run on the embedded sample (data/prepare.py sample builds it); env vars still win.
 SMOKE_DEFAULTS = dict(
@@ -173,7 +161,6 @@ SMOKE_DEFAULTS = dict(
     RECUR_LAYERS="1,2", PARALLEL_START_LAYER="3", VE_LAYERS="2,3", XSA_LAST_N="4", VAL_LOSS_EVERY="100",
     TRAIN_LOG_EVERY="25", GPTQ_CALIBRATION_BATCHES="8", VAL_BATCH_TOKENS="16384", MUON_MOMENTUM_WARMUP_STEPS="100",
 )
-
 
 def int_list(text: str, name: str) -> tuple:
     try:
@@ -187,10 +174,8 @@ def int_list(text: str, name: str) -> tuple:
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 
-
 class ShardError(ValueError):
     """A token shard that is missing, truncated or not in the challenge format."""
-
 
 def read_shard_header(path) -> int:
     """Validate magic, version and exact file size; return the token count."""
@@ -212,12 +197,10 @@ def read_shard_header(path) -> int:
                          f"but the file has {size} bytes")
     return n
 
-
 def load_shard(path) -> np.ndarray:
     """Memory-map a validated shard's tokens as little-endian uint16."""
     n = read_shard_header(path)
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,))
-
 
 def data_paths(hp: Hyperparameters) -> tuple:
     """(train shard list, val shard list, tokenizer path), sorted by file name."""
@@ -229,7 +212,6 @@ def data_paths(hp: Hyperparameters) -> tuple:
     by_name = lambda pattern: sorted(glob.glob(pattern), key=lambda p: (Path(p).name, p))
     return by_name(train), by_name(val), tok
 
-
 def shard_fingerprint(paths) -> str:
     """sha256 over names, sizes and headers: identifies the data without reading it."""
     h = hashlib.sha256()
@@ -238,15 +220,11 @@ def shard_fingerprint(paths) -> str:
             h.update(Path(p).name.encode() + struct.pack("<q", os.path.getsize(p)) + f.read(SHARD_HEADER_BYTES))
     return h.hexdigest()
 
-
 class TrainStream:
-    """Deterministic multi-shard stream of (seq_len+1)-token windows, split disjointly over ranks.
-
-    Every rank runs the same sampler: each shard is walked in a random coprime-stride order of its
-    seq_len blocks (redrawn when exhausted); a step draws its windows from shards in proportion to
-    the blocks they have left, shuffles them, and rank r keeps windows r, r+W, r+2W, ...
-    The RNG depends on SEED and on the shards' names and sizes, not on how their paths are spelled.
-    """
+    """Deterministic multi-shard stream of (seq_len+1)-token windows, split disjointly over ranks. Every rank
+    runs the same sampler: each shard's seq_len blocks in a random order (random phase; reshuffled when used
+    up); a step draws windows from shards in proportion to the blocks they have left, shuffles them, and rank
+    r keeps windows r, r+W, ... The RNG depends on SEED and the shards' names and sizes, not on path spelling."""
 
     def __init__(self, paths, seq_len: int, global_seqs: int, rank: int, world: int, seed: int):
         self.tokens = [load_shard(p) for p in paths]
@@ -260,32 +238,25 @@ class TrainStream:
         self.cursors = [self._new_cursor(i) if ok else None for i, ok in enumerate(usable)]
 
     def _new_cursor(self, i: int) -> list:
+        """[window starts in a random order, how many are used]."""
         n = len(self.tokens[i])
         phase = int(self.rng.integers(0, min(self.seq_len, n - self.seq_len - 1)))
-        blocks = (n - 1 - phase) // self.seq_len
-        stride = 1
-        if blocks > 2:
-            stride = int(self.rng.integers(1, blocks))
-            while math.gcd(stride, blocks) != 1:
-                stride = int(self.rng.integers(1, blocks))
-        return [phase, blocks, int(self.rng.integers(0, blocks)), stride, 0]  # phase, blocks, start, stride, used
+        return [phase + self.rng.permutation((n - 1 - phase) // self.seq_len) * self.seq_len, 0]
 
     def _take(self, i: int, k: int) -> list:
         starts = []
         while k > 0:
-            phase, blocks, start, stride, used = c = self.cursors[i]
-            m = min(k, blocks - used)
-            idx = (start + (used + np.arange(m)) * stride) % blocks
-            starts += [(i, phase + int(b) * self.seq_len) for b in idx]
-            c[4] += m
-            k -= m
-            if c[4] == blocks:
+            order, used = c = self.cursors[i]
+            m = min(k, len(order) - used)
+            starts += [(i, int(s)) for s in order[used:used + m]]
+            c[1], k = used + m, k - m
+            if c[1] == len(order):
                 self.cursors[i] = self._new_cursor(i)
         return starts
 
     def next_windows(self) -> list:
         """The (shard, start) windows of the next global batch that belong to this rank."""
-        left = np.array([0 if c is None else c[1] - c[4] for c in self.cursors], dtype=np.float64)
+        left = np.array([0 if c is None else len(c[0]) - c[1] for c in self.cursors], dtype=np.float64)
         counts = self.rng.multinomial(self.global_seqs, left / left.sum())
         windows = [w for i, k in enumerate(counts) if k for w in self._take(i, int(k))]
         order = self.rng.permutation(len(windows))
@@ -295,7 +266,6 @@ class TrainStream:
         """(global_seqs / world, seq_len + 1) int32 tokens for this rank."""
         L = self.seq_len + 1
         return torch.from_numpy(np.stack([self.tokens[i][s:s + L] for i, s in self.next_windows()]).astype(np.int32))
-
 
 def load_val_tokens(paths, seq_len: int) -> np.ndarray:
     """All val shards concatenated, truncated to a whole number of seq_len windows plus one token."""
@@ -308,14 +278,11 @@ def load_val_tokens(paths, seq_len: int) -> np.ndarray:
 
 # ============================================================================ tokenizer byte accounting
 
-
 def build_byte_luts(sp, vocab_size: int) -> tuple:
-    """Per-token (base_bytes, has_leading_space, is_boundary) for tokenizer-agnostic BPB.
-
-    bytes(target) = base_bytes[target] + (has_space[target] and not is_boundary[previous token]).
-    Control/unknown/unused ids are boundaries with 0 bytes; byte-fallback pieces are 1 byte;
-    other pieces count the UTF-8 bytes of their text with a leading U+2581 turned into the space bit.
-    """
+    """Per-token (base_bytes, has_leading_space, is_boundary) for tokenizer-agnostic BPB:
+    bytes(target) = base_bytes[target] + (has_space[target] and not is_boundary[previous token]). Control,
+    unknown and unused ids are 0-byte boundaries; byte-fallback pieces are 1 byte; other pieces count the
+    UTF-8 bytes of their text, a leading U+2581 becoming the space bit."""
     base = np.zeros(vocab_size, dtype=np.int16)
     space = np.zeros(vocab_size, dtype=np.bool_)
     boundary = np.ones(vocab_size, dtype=np.bool_)
@@ -332,14 +299,12 @@ def build_byte_luts(sp, vocab_size: int) -> tuple:
         base[t] = len(piece.encode("utf-8"))
     return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary)
 
-
 def count_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts) -> torch.Tensor:
     base, space, boundary = luts
     return base[tgt].long() + (space[tgt] & ~boundary[prev]).long()
 
 
 # ============================================================================ model
-
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -351,7 +316,7 @@ class ModelConfig:
     num_kv_heads: int = 4
     mlp_mult: float = 4.0
     xsa_last_n: int = 11
-    skip_gates: bool = True
+    skip_gates_enabled: bool = True
     logit_softcap: float = 30.0
     rope_base: float = 10000.0
     rope_dims: int = 16
@@ -362,29 +327,19 @@ class ModelConfig:
     recur_layers: tuple = (4, 5)
     parallel_start_layer: int = 7
     max_seq_len: int = 2048
-    embed_init_std: float = 0.005
+    tied_embed_init_std: float = 0.005
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
-        return cls(vocab_size=hp.vocab_size, num_layers=hp.num_layers, model_dim=hp.model_dim,
-                   num_heads=hp.num_heads, num_kv_heads=hp.num_kv_heads, mlp_mult=hp.mlp_mult,
-                   xsa_last_n=hp.xsa_last_n, skip_gates=hp.skip_gates_enabled, logit_softcap=hp.logit_softcap,
-                   rope_base=hp.rope_base, rope_dims=hp.rope_dims, ln_scale=hp.ln_scale,
-                   ve_dim=hp.ve_dim if hp.ve else 0, ve_layers=hp.ve, qk_gain_init=hp.qk_gain_init,
-                   recur_layers=hp.recur, parallel_start_layer=hp.parallel_start_layer,
-                   max_seq_len=max(hp.train_seq_len, hp.eval_seq_len), embed_init_std=hp.tied_embed_init_std)
+        same = {f.name: getattr(hp, f.name) for f in dataclasses.fields(cls) if f.name in HPARAMS}
+        return cls(**{**same, "ve_dim": hp.ve_dim if hp.ve else 0, "ve_layers": hp.ve, "recur_layers": hp.recur,
+                      "max_seq_len": max(hp.train_seq_len, hp.eval_seq_len)})
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
-        for k in ("ve_layers", "recur_layers"):
-            d[k] = tuple(d[k])
-        return cls(**d)
-
+    def __post_init__(self):  # JSON (the artifact header) turns tuples into lists
+        self.ve_layers, self.recur_layers = tuple(self.ve_layers), tuple(self.recur_layers)
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
 
 def causal_attention(q, k, v, backend: str):
     """q: (B,T,H,D), k/v: (B,T,Hkv,D) -> (B,T,H,D). SDPA's kernel is picked by the global backend flags."""
@@ -398,12 +353,10 @@ def causal_attention(q, k, v, backend: str):
         k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
 
-
 try:  # FlashAttention-3 (Hopper), used when importable
     from flash_attn_interface import flash_attn_func as _flash_attn_func
 except ImportError:
     _flash_attn_func = None
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, xsa: bool):
@@ -449,7 +402,6 @@ class Attention(nn.Module):
             y = y - (y * vn).sum(-1, keepdim=True) * vn
         return self.proj(y.reshape(B, T, self.h * self.hd))
 
-
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -460,7 +412,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
-
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -488,7 +439,6 @@ class Block(nn.Module):
         mlp = self.mlp_scale * self.mlp(rms_norm(m) * self.ln)
         return a + att + self.lane_route[1] * mlp, m + mlp + self.lane_route[0] * att
 
-
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -501,7 +451,7 @@ class GPT(nn.Module):
         self.skip_into = {dst: j for j, (_, dst) in enumerate(self.skip_pairs)}
         self.skip_sources = {s for s, _ in self.skip_pairs}
         self.skip_weights = nn.Parameter(torch.ones(len(self.skip_pairs), d))
-        self.skip_gates = nn.Parameter(torch.zeros(len(self.skip_pairs), d)) if cfg.skip_gates else None
+        self.skip_gates = nn.Parameter(torch.zeros(len(self.skip_pairs), d)) if cfg.skip_gates_enabled else None
         if cfg.ve_dim and cfg.ve_layers:
             kv_dim = cfg.num_kv_heads * (d // cfg.num_heads)
             self.ve_embed = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
@@ -518,7 +468,7 @@ class GPT(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        nn.init.normal_(self.tok_emb.weight, std=self.cfg.embed_init_std)
+        nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
         if hasattr(self, "ve_embed"):
             nn.init.normal_(self.ve_embed.weight, std=0.01)
         for m in self.modules():
@@ -583,20 +533,17 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets[:, start:].flatten(), reduction="none").view_as(
             targets[:, start:])
 
-
-def matmul_params_per_token(model: GPT, recur: bool) -> int:
-    """Weights each token multiplies through (recurrent layers counted per pass, plus the head)."""
-    per_layer = [sum(p.numel() for m in b.modules() if isinstance(m, nn.Linear) for p in m.parameters())
-                 for b in model.blocks]
+def flops_per_token(model: GPT, recur: bool, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x the weights it multiplies through (recurrent passes counted, the tied head
+    included) + 6 x layers x seq_len x d for causal attention."""
     order = model.recur_order if recur else range(len(model.blocks))
-    ve = model.ve_proj.weight.numel() if model.ve_index else 0
-    return sum(per_layer[l] for l in order) + model.tok_emb.weight.numel() + ve
+    mats = sum(p.numel() for l in order for p in model.blocks[l].parameters() if p.ndim == 2)
+    return 6 * (mats + model.tok_emb.weight.numel()) + 6 * len(order) * seq_len * model.cfg.model_dim
 
 
 # ============================================================================ optimizer
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
 
 def newton_schulz5(G: torch.Tensor, steps: int) -> torch.Tensor:
     """Approximate orthogonalization of a batch of matrices (B, r, c) by a quintic Newton-Schulz."""
@@ -611,20 +558,15 @@ def newton_schulz5(G: torch.Tensor, steps: int) -> torch.Tensor:
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
 
-
 def muoneq_r_update(U: torch.Tensor, steps: int) -> torch.Tensor:
     """MuonEq-R: normalize each row, orthogonalize, rescale for non-square shapes."""
     U = U / U.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(U.dtype)
     X = newton_schulz5(U, steps)
     return X * math.sqrt(max(1.0, U.size(-2) / U.size(-1)))
 
-
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum + MuonEq-R + decoupled weight decay.
-
-    Matrices are grouped by shape and orthogonalized in batches; matrix i of the flat list is owned by
-    rank i % world, and the updates are summed into every rank through one flat all-reduce.
-    """
+    """Nesterov momentum + MuonEq-R + decoupled weight decay. Matrices are orthogonalized in batches of one
+    shape; matrix i is owned by rank i % world, and one flat all-reduce gives every rank all the updates."""
 
     def __init__(self, params, lr, momentum, ns_steps, wd, rank=0, world=1, ns_fn=muoneq_r_update):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, ns_steps=ns_steps, wd=wd))
@@ -644,13 +586,10 @@ class Muon(torch.optim.Optimizer):
             for i in mine:
                 by_shape.setdefault(tuple(ps[i].shape), []).append(i)
             for idx in by_shape.values():
-                grads = [ps[i].grad for i in idx]
-                bufs = []
-                for i, g in zip(idx, grads):
-                    st = self.state[ps[i]]
-                    if "buf" not in st:
-                        st["buf"] = torch.zeros_like(g)
-                    bufs.append(st["buf"])
+                for i in idx:
+                    if "buf" not in self.state[ps[i]]:
+                        self.state[ps[i]]["buf"] = torch.zeros_like(ps[i])
+                grads, bufs = [ps[i].grad for i in idx], [self.state[ps[i]]["buf"] for i in idx]
                 torch._foreach_mul_(bufs, mom)
                 torch._foreach_add_(bufs, grads)
                 nesterov = torch._foreach_add(grads, bufs, alpha=mom)
@@ -663,7 +602,6 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(ps, [flat[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype) for i, p in enumerate(ps)],
                                 alpha=-lr)
 
-
 def param_groups(model: GPT) -> tuple:
     """(matrices for Muon, embedding tables, everything else) - by module type, not by name."""
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
@@ -671,7 +609,6 @@ def param_groups(model: GPT) -> tuple:
     ps = list(model.parameters())
     return ([p for p in ps if id(p) in linear], [p for p in ps if id(p) in embed],
             [p for p in ps if id(p) not in linear and id(p) not in embed])
-
 
 def build_optimizers(model: GPT, hp: Hyperparameters, ns_fn=muoneq_r_update) -> list:
     mats, embeds, scalars = param_groups(model)
@@ -686,18 +623,15 @@ def build_optimizers(model: GPT, hp: Hyperparameters, ns_fn=muoneq_r_update) -> 
             g["base_lr"] = g["lr"]
     return opts
 
-
 def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
     """Flat, then linear to zero over the last warmdown_frac of the budget (floored at min_lr)."""
     if warmdown_frac <= 0 or frac < 1.0 - warmdown_frac:
         return 1.0
     return max((1.0 - frac) / warmdown_frac, min_lr)
 
-
 def muon_momentum(step: int, hp: Hyperparameters) -> float:
     t = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
     return hp.muon_momentum_warmup_start + t * (hp.muon_momentum - hp.muon_momentum_warmup_start)
-
 
 class EMA:
     """fp32 shadow of every parameter. The decay warms up as min(decay, (1+t)/(10+t)), so a short
@@ -725,13 +659,10 @@ class EMA:
 
 # ============================================================================ training loop
 
-
 class AgreedClock:
-    """Elapsed training time that all ranks agree on, with no host sync per step.
-
-    Each step's host-measured time is all-reduced (MAX) on the device and read back `lag` steps
-    later, so every rank derives the same LR, recurrence switch and stop decision.
-    """
+    """Elapsed training time that all ranks agree on, with no host sync per step: each step's host-measured
+    time is all-reduced (MAX) on the device and read back `lag` steps later, so every rank derives the same
+    LR, recurrence switch and stop decision."""
 
     def __init__(self, device: torch.device, world: int, lag: int = 2):
         self.device, self.world = device, world
@@ -739,44 +670,35 @@ class AgreedClock:
         self.pending, self.value, self.value_step = [], 0.0, 0
 
     def push(self, step: int, ms: float):
+        cuda = self.device.type == "cuda"
         t = torch.tensor([ms], dtype=torch.float64)
-        if self.device.type != "cuda":
-            if self.world > 1:
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            self.value, self.value_step = t.item(), step
-            return
-        dev = t.pin_memory().to(self.device, non_blocking=True)
+        t = t.pin_memory().to(self.device, non_blocking=True) if cuda else t
         if self.world > 1:
-            dist.all_reduce(dev, op=dist.ReduceOp.MAX)
-        out = torch.empty(1, dtype=torch.float64, pin_memory=True)
-        out.copy_(dev, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out = torch.empty(1, dtype=torch.float64, pin_memory=cuda).copy_(t, non_blocking=cuda)
+        ev = torch.cuda.Event() if cuda else None
+        if ev is not None:
+            ev.record()
         self.pending.append((step, out, ev))
         while len(self.pending) > self.lag:
             s, out, ev = self.pending.pop(0)
-            ev.synchronize()
+            if ev is not None:
+                ev.synchronize()  # recorded `lag` steps ago: the GPU has long passed it
             self.value, self.value_step = out.item(), s
 
     def estimate(self, step: int) -> float:
         """Agreed elapsed time extrapolated to `step` by the mean step time so far."""
-        if self.value_step == 0:
-            return self.value
-        return self.value + (step - self.value_step) * self.value / self.value_step
-
+        return self.value * step / self.value_step if self.value_step else self.value
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
 def autocast_ctx(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t).long()
-
 
 def train_step(model, base, opts, tokens, hp, step: int, lr_mult: float, device):
     """One optimizer step over grad_accum micro-batches; returns the mean loss as a device tensor."""
@@ -801,7 +723,6 @@ def train_step(model, base, opts, tokens, hp, step: int, lr_mult: float, device)
         opt.zero_grad(set_to_none=True)
     return total / accum
 
-
 def peak_memory_line(device) -> str:
     if device.type == "cuda":
         return (f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
@@ -810,15 +731,10 @@ def peak_memory_line(device) -> str:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     return f"peak memory allocated: {rss} MiB reserved: {rss} MiB (cpu max rss)"
 
-
 def peak_flops(device) -> float:
     """Dense bf16 peak per GPU, for the MFU estimate; 0 when unknown."""
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in (("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12))
-                 if k in name), 0.0)
-
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if k in name), 0.0)
 
 def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r_update) -> dict:
     """Compile warmup (both graphs), then the wallclock-capped loop. Leaves the EMA in `base`."""
@@ -833,16 +749,13 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
             if i + 1 <= 6 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
                 log(f"warmup_step: {i + 1}/{hp.warmup_steps}")
         base.load_state_dict(saved)  # restore weights; optimizers and the stream are rebuilt below
-        base.recur_active = False
-        del opts, stream, saved
+        base.recur_active, saved = False, None
     opts, stream = build_optimizers(base, hp, ns_fn), make_stream()
     ema = EMA(base, hp.ema_decay)
     cap_ms = 1000 * (hp.max_wallclock_seconds - hp.gptq_reserve_seconds) if hp.max_wallclock_seconds > 0 else 0
-    if cap_ms:
-        log(f"gptq:reserving {hp.gptq_reserve_seconds:g}s, effective={cap_ms:.0f}ms")
+    log(f"gptq:reserving {hp.gptq_reserve_seconds:g}s, effective={cap_ms:.0f}ms" if cap_ms else "wallclock: no cap")
     clock = AgreedClock(device, hp.world_size)
-    flops = {r: 6 * matmul_params_per_token(base, r) + 6 * len(base.recur_order if r else base.blocks)
-             * hp.train_seq_len * hp.model_dim for r in (False, True)}  # matmuls + causal attention, fwd+bwd
+    flops = {r: flops_per_token(base, r, hp.train_seq_len) for r in (False, True)}
     step, stop, train_ms, total_flops = 0, False, 0.0, 0.0
     tokens_per_step, iters = hp.train_batch_tokens, hp.iterations
     sync(device)
@@ -901,10 +814,8 @@ CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # per-row clip candidates, a
 ARTIFACT_MAGIC = b"PGQ1"
 BROTLI_CHUNK = 4 << 20  # independent Brotli streams, compressed in parallel
 
-
 class FitError(RuntimeError):
     """The artifact cannot be brought under ARTIFACT_BYTES_LIMIT."""
-
 
 def quant_plan(model: GPT) -> dict:
     """name -> 'int6' (Linear weights, GPTQ), 'int8' (embedding tables), 'fp16' (vectors and scalars)."""
@@ -912,55 +823,32 @@ def quant_plan(model: GPT) -> dict:
     embed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return {n: "int6" if id(p) in linear else "int8" if id(p) in embed else "fp16" for n, p in model.named_parameters()}
 
-
 @torch.no_grad()
 def collect_hessians(model: GPT, batches, device, world: int) -> dict:
-    """H = sum X^T X of each int6 Linear's input over `batches`, summed over ranks, divided by the count.
-    c_q/c_k/c_v read the same input, so they share one Hessian."""
-    plan, hs, hooks, count = quant_plan(model), {}, [], torch.zeros((), device=device)
+    """name -> H = mean over calibration batches (all ranks) of X^T X, X the input of that int6 Linear."""
+    plan, hs = quant_plan(model), {}
 
-    def add(names):
-        def hook(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].size(-1)).float()
-            H = hs.get(names[0])
-            if H is None:
-                H = hs[names[0]] = torch.zeros(x.size(1), x.size(1), device=device)
-                for n in names[1:]:
-                    hs[n] = H
-            H.addmm_(x.T, x)
-        return hook
-
-    for mname, mod in model.named_modules():
-        if isinstance(mod, Attention):
-            names = [f"{mname}.{c}.weight" for c in ("c_q", "c_k", "c_v") if plan[f"{mname}.{c}.weight"] == "int6"]
-            if names:
-                hooks.append(mod.register_forward_pre_hook(add(names)))
-        elif isinstance(mod, nn.Linear) and plan.get(f"{mname}.weight") == "int6" and not mname.endswith(
-                (".c_q", ".c_k", ".c_v")):
-            hooks.append(mod.register_forward_pre_hook(add([f"{mname}.weight"])))
+    def hook(name):
+        def add(_mod, args):
+            x = args[0].reshape(-1, args[0].size(-1)).float()
+            hs.setdefault(name, torch.zeros(x.size(1), x.size(1), device=device)).addmm_(x.T, x)
+        return add
+    hooks = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and plan[f"{n}.weight"] == "int6"]
+    count = torch.zeros((), device=device)
     for tokens in batches:
-        tokens = to_device(tokens, device)
         with autocast_ctx(device):
-            model.hidden(tokens[:, :-1])
+            model.hidden(to_device(tokens, device)[:, :-1])
         count += 1
     for h in hooks:
         h.remove()
-    if world > 1:
-        dist.all_reduce(count)
-    unique = {id(H): H for H in hs.values()}
-    for H in unique.values():
-        if world > 1:
-            dist.all_reduce(H)
-        H /= count
-    return hs
-
+    for t in [count, *hs.values()] if world > 1 else []:
+        dist.all_reduce(t)
+    return {n: H / count for n, H in hs.items()}
 
 def _row_scales(W: torch.Tensor, qmax: int, fracs) -> torch.Tensor:
     """(K, rows) candidate scales, rounded to fp16 as stored."""
-    amax = W.abs().amax(dim=1)
-    s = torch.stack([amax * f / qmax for f in fracs]).clamp_min(1e-7)
-    return s.half().float()
-
+    return torch.stack([W.abs().amax(dim=1) * f / qmax for f in fracs]).clamp_min(1e-7).half().float()
 
 def _pick_rows(W, Q, S, H):
     """Per row, the candidate with the least (Hessian-weighted) squared error."""
@@ -971,14 +859,12 @@ def _pick_rows(W, Q, S, H):
     ar = torch.arange(rows, device=W.device)
     return Q[best, ar].to(torch.int8), S[best, ar].half()
 
-
 def rtn_quantize(W: torch.Tensor, qmax: int, fracs=CLIP_FRACTIONS, H=None) -> tuple:
     """Round-to-nearest per row with the clip chosen per row."""
     W = W.float()
     S = _row_scales(W, qmax, fracs)
     Q = torch.clamp(torch.round(W.unsqueeze(0) / S.unsqueeze(-1)), -qmax, qmax)
     return _pick_rows(W, Q, S, H)
-
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, qmax: int = INT6_MAX, fracs=CLIP_FRACTIONS,
                   block: int = 128, damp: float = 0.01) -> tuple:
@@ -1017,11 +903,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, qmax: int = INT6_MAX, fracs=
         Wk[:, i2:] -= E1 @ U[i1:i2, i2:]
     return _pick_rows(W, Q[:, inv].view(K, rows, cols), S, H_err)
 
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float().unsqueeze(1)
-
-
 def quantize_model(model: GPT, hessians: dict, use_gptq: bool, rank: int, world: int) -> dict:
     """name -> entry dict. int6 solves are spread over ranks (largest first) and broadcast from their owner."""
     plan, sd = quant_plan(model), {k: v.detach() for k, v in model.named_parameters()}
@@ -1051,78 +932,57 @@ def quantize_model(model: GPT, hessians: dict, use_gptq: bool, rank: int, world:
             dist.broadcast(entries[n]["scale"], src=owner[n])
     return entries
 
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
 
 def dequantize_entries(entries: dict) -> dict:
-    return {n: e["data"].float() if e["kind"] == "fp16" else dequantize(e["q"], e["scale"])
-            for n, e in entries.items()}
+    return {n: e["data"].float() if e["kind"] == "fp16" else dequantize(e["q"], e["scale"]) for n, e in entries.items()}
 
-
-def _planes(b: bytes, width: int) -> bytes:
-    """Byte-plane transform: all first bytes, then all second bytes, ... (helps Brotli on fp16)."""
-    return np.frombuffer(b, np.uint8).reshape(-1, width).T.tobytes()
-
-
-def _unplanes(b: bytes, width: int) -> bytes:
-    return np.frombuffer(b, np.uint8).reshape(width, -1).T.tobytes()
-
+STREAMS = ("int6", "int8", "scale", "fp16")  # body sections, in order
 
 def pack_artifact(entries: dict, cfg: ModelConfig) -> bytes:
-    """Our own flat format (no pickle): JSON header, then sections grouped by kind so similar bytes sit
-    together: int6 codes, int8 codes, fp16 scales (byte planes), fp16 tensors (byte planes)."""
-    names = list(entries)
-    header = dict(config=dataclasses.asdict(cfg),
-                  tensors=[dict(name=n, kind=entries[n]["kind"], shape=list(
-                      (entries[n]["q"] if entries[n]["kind"] != "fp16" else entries[n]["data"]).shape))
-                      for n in names])
-    raw = lambda t: t.detach().contiguous().cpu().numpy().tobytes()
-    sections = [
-        b"".join(raw(entries[n]["q"]) for n in names if entries[n]["kind"] == "int6"),
-        b"".join(raw(entries[n]["q"]) for n in names if entries[n]["kind"] == "int8"),
-        _planes(b"".join(raw(entries[n]["scale"]) for n in names if entries[n]["kind"] != "fp16"), 2),
-        _planes(b"".join(raw(entries[n]["data"]) for n in names if entries[n]["kind"] == "fp16"), 2),
-    ]
-    hj = json.dumps(header, separators=(",", ":")).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(hj)) + hj + b"".join(sections)
-
+    """Our own flat format (no pickle): magic, JSON header, then one section per stream so similar bytes sit
+    together: int6 codes, int8 codes, fp16 scales, fp16 tensors (fp16 as byte planes: all low bytes, then all
+    high bytes, which Brotli compresses better)."""
+    parts = {k: [] for k in STREAMS}
+    for e in entries.values():
+        if e["kind"] == "fp16":
+            parts["fp16"].append(e["data"])
+        else:
+            parts[e["kind"]].append(e["q"])
+            parts["scale"].append(e["scale"])
+    raw = lambda ts: b"".join(t.detach().contiguous().cpu().numpy().tobytes() for t in ts)
+    planes = lambda b: np.frombuffer(b, np.uint8).reshape(-1, 2).T.tobytes()
+    body = [raw(parts[k]) if k.startswith("int") else planes(raw(parts[k])) for k in STREAMS]
+    header = json.dumps(dict(config=dataclasses.asdict(cfg), sections=[len(b) for b in body], tensors=[
+        [n, e["kind"], list((e["data"] if e["kind"] == "fp16" else e["q"]).shape)] for n, e in entries.items()]))
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header.encode() + b"".join(body)
 
 def unpack_artifact(blob: bytes) -> tuple:
     """Inverse of pack_artifact: (ModelConfig, entries on CPU)."""
     if blob[:4] != ARTIFACT_MAGIC:
         raise ValueError("not a PGQ1 artifact")
     (hl,) = struct.unpack("<I", blob[4:8])
-    header = json.loads(blob[8:8 + hl])
-    pos = 8 + hl
-    tensors = header["tensors"]
-    numel = lambda t: int(np.prod(t["shape"]))
-    sizes = [sum(numel(t) for t in tensors if t["kind"] == "int6"),
-             sum(numel(t) for t in tensors if t["kind"] == "int8"),
-             2 * sum(t["shape"][0] for t in tensors if t["kind"] != "fp16"),
-             2 * sum(numel(t) for t in tensors if t["kind"] == "fp16")]
-    secs = []
-    for size in sizes:
-        secs.append(blob[pos:pos + size])
+    header, pos, arrays = json.loads(blob[8:8 + hl]), 8 + hl, {}
+    if 8 + hl + sum(header["sections"]) != len(blob):
+        raise ValueError("artifact body does not match its header")
+    for k, size in zip(STREAMS, header["sections"]):
+        b = blob[pos:pos + size]
         pos += size
-    if pos != len(blob):
-        raise ValueError(f"artifact body has {len(blob) - pos} unexpected trailing bytes")
-    codes = {"int6": np.frombuffer(secs[0], np.int8), "int8": np.frombuffer(secs[1], np.int8)}
-    scales = np.frombuffer(_unplanes(secs[2], 2), np.float16)
-    halves = np.frombuffer(_unplanes(secs[3], 2), np.float16)
-    off = {"int6": 0, "int8": 0, "scale": 0, "fp16": 0}
-    entries = {}
-    for t in tensors:
-        n, k, shape = numel(t), t["kind"], t["shape"]
-        if k == "fp16":
-            entries[t["name"]] = dict(kind=k, data=torch.from_numpy(halves[off["fp16"]:off["fp16"] + n].copy())
-                                      .view(shape))
-            off["fp16"] += n
-            continue
-        q = torch.from_numpy(codes[k][off[k]:off[k] + n].copy()).view(shape)
-        s = torch.from_numpy(scales[off["scale"]:off["scale"] + shape[0]].copy())
-        off[k] += n
-        off["scale"] += shape[0]
-        entries[t["name"]] = dict(kind=k, q=q, scale=s)
-    return ModelConfig.from_dict(header["config"]), entries
+        arrays[k] = np.frombuffer(b, np.int8) if k.startswith("int") else \
+            np.frombuffer(np.frombuffer(b, np.uint8).reshape(2, -1).T.tobytes(), np.float16)
+    off = dict.fromkeys(STREAMS, 0)
 
+    def take(k, n, shape):
+        off[k] += n
+        return torch.from_numpy(arrays[k][off[k] - n:off[k]].copy()).view(shape)
+
+    entries = {}
+    for name, kind, shape in header["tensors"]:
+        n = int(np.prod(shape))
+        entries[name] = dict(kind=kind, data=take("fp16", n, shape)) if kind == "fp16" else \
+            dict(kind=kind, q=take(kind, n, shape), scale=take("scale", shape[0], [shape[0]]))
+    return ModelConfig(**header["config"]), entries
 
 def compress(blob: bytes, threads: int = 0) -> bytes:
     """Brotli quality 11 over independent 4 MiB chunks in parallel (Brotli releases the GIL)."""
@@ -1132,73 +992,45 @@ def compress(blob: bytes, threads: int = 0) -> bytes:
         parts = list(ex.map(lambda c: brotli.compress(c, quality=11, lgwin=24), chunks))
     return struct.pack("<I", len(parts)) + b"".join(struct.pack("<I", len(p)) for p in parts) + b"".join(parts)
 
-
 def decompress(data: bytes) -> bytes:
     import brotli
     (n,) = struct.unpack("<I", data[:4])
-    lens = struct.unpack(f"<{n}I", data[4:4 + 4 * n])
-    pos, out = 4 + 4 * n, []
-    for ln in lens:
-        out.append(brotli.decompress(data[pos:pos + ln]))
-        pos += ln
-    return b"".join(out)
-
-
-def prune_candidates(entries: dict, hessians: dict) -> tuple:
-    """All int6 codes equal to +-1, ordered by the damage of zeroing them: scale^2 * H_jj."""
-    names, flat_idx, costs = [], [], []
-    for n, e in entries.items():
-        if e["kind"] != "int6":
-            continue
-        q = e["q"].reshape(-1)
-        idx = torch.nonzero(q.abs() == 1).squeeze(1)
-        cols = e["q"].size(1)
-        hd = hessians[n].diagonal() if n in hessians else torch.ones(cols, device=q.device)
-        cost = e["scale"].float()[idx // cols].square() * hd.to(q.device)[idx % cols]
-        names.append(n)
-        flat_idx.append(idx)
-        costs.append(cost)
-    if not names:
-        return [], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    owner = torch.cat([torch.full((len(i),), j, dtype=torch.long, device=i.device) for j, i in enumerate(flat_idx)])
-    order = torch.argsort(torch.cat(costs), stable=True)
-    return names, owner[order].cpu(), torch.cat(flat_idx)[order].cpu()
-
-
-def apply_prune(entries: dict, cands: tuple, k: int) -> dict:
-    names, owner, idx = cands
-    out = dict(entries)
-    for j, n in enumerate(names):
-        sel = idx[:k][owner[:k] == j]
-        if len(sel):
-            q = entries[n]["q"].clone()
-            q.view(-1)[sel.to(q.device)] = 0
-            out[n] = dict(entries[n], q=q)
-    return out
-
+    ends = np.cumsum((4 + 4 * n,) + struct.unpack(f"<{n}I", data[4:4 + 4 * n])).tolist()
+    return b"".join(brotli.decompress(data[a:b]) for a, b in zip(ends, ends[1:]))
 
 def fit_artifact(entries: dict, cfg: ModelConfig, hessians: dict, code_bytes: int, limit: int, log) -> tuple:
-    """Compress; while code + model bytes exceed the limit, zero the cheapest +-1 codes and measure again.
-    Returns (entries actually packed, compressed bytes). Raises FitError when it cannot fit."""
+    """Compress; while code + model bytes exceed the limit, zero more of the +-1 int6 codes whose loss costs
+    least (scale_row^2 * H_jj) and measure again. Returns (entries packed, compressed bytes); FitError if it
+    cannot fit."""
     if code_bytes >= limit:
         raise FitError(f"code alone is {code_bytes} bytes, over ARTIFACT_BYTES_LIMIT={limit}")
     data = compress(pack_artifact(entries, cfg))
-    if code_bytes + len(data) <= limit:
+    total0 = total = code_bytes + len(data)
+    if total <= limit:
         return entries, data
-    cands = prune_candidates(entries, hessians)
-    total0, k, total = code_bytes + len(data), 0, code_bytes + len(data)
-    log(f"selective_prune: {total0} bytes is {total0 - limit} over {limit}; {len(cands[1])} +-1 candidates")
+    names = [n for n, e in entries.items() if e["kind"] == "int6"]
+    flat = torch.cat([entries[n]["q"].reshape(-1) for n in names])
+    cost = torch.cat([(entries[n]["scale"].float()[:, None].square() * (
+        hessians[n].diagonal()[None].to(flat.device) if n in hessians else 1.0)).reshape(-1) for n in names])
+    cand = torch.nonzero(flat.abs() == 1).squeeze(1)
+    cand = cand[torch.argsort(cost[cand], stable=True)]
+    log(f"selective_prune: {total} bytes is {total - limit} over {limit}; {len(cand)} +-1 candidates")
+    k = 0
     while total > limit:
-        if k == len(cands[1]):
+        if k == len(cand):
             raise FitError(f"pruning every +-1 code still leaves {total} bytes > ARTIFACT_BYTES_LIMIT={limit}")
         rate = (total0 - total) / k if k and total0 > total else 1 / 8  # bytes saved per pruned code
-        k = min(len(cands[1]), k + math.ceil((total - limit) / rate * 1.15) + 64)
-        pruned = apply_prune(entries, cands, k)
+        k = min(len(cand), k + math.ceil((total - limit) / rate * 1.15) + 64)
+        q = flat.clone()
+        q[cand[:k]] = 0
+        pruned, off = dict(entries), 0
+        for n in names:
+            pruned[n] = dict(entries[n], q=q[off:off + entries[n]["q"].numel()].view_as(entries[n]["q"]))
+            off += entries[n]["q"].numel()
         data = compress(pack_artifact(pruned, cfg))
         total = code_bytes + len(data)
         log(f"selective_prune: zeroed {k} codes -> total {total} bytes")
     return pruned, data
-
 
 def write_atomic(path: Path, data: bytes):
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -1208,30 +1040,22 @@ def write_atomic(path: Path, data: bytes):
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
-
 def load_artifact(path) -> tuple:
     return unpack_artifact(decompress(Path(path).read_bytes()))
 
-
 def check_roundtrip(packed: dict, loaded: dict):
-    """The artifact's tensors must equal what the quantizer produced, bit for bit."""
-    if list(packed) != list(loaded):
-        raise RuntimeError("artifact roundtrip: tensor names differ")
-    for n, e in packed.items():
-        for key in ("q", "scale", "data"):
-            if key in e and not torch.equal(e[key].cpu(), loaded[n][key]):
-                raise RuntimeError(f"artifact roundtrip: {n}.{key} differs from the quantizer output")
+    """The artifact's tensors must equal what the quantizer produced, bit for bit (same names, kinds,
+    shapes and bytes, so they pack to the same blob)."""
+    if pack_artifact(packed, ModelConfig()) != pack_artifact(loaded, ModelConfig()):
+        raise RuntimeError("artifact roundtrip: the unpacked tensors differ from the quantizer output")
 
 
 # ============================================================================ evaluation
 
-
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list:
-    """(start, first_scored) per window over targets 1..n_targets; every target is scored exactly once.
-
-    Window `start` reads tokens[start : start+L] and predicts targets start+1 .. start+L. The first
-    window scores all its positions; each later one (start += stride) scores only the targets after the
-    previous window's end; the last window is aligned to end exactly at n_targets."""
+    """(start, first_scored) per window; window `start` reads tokens[start:start+L] and predicts targets
+    start+1..start+L. The first window scores all its positions, each later one (start += stride) only the
+    targets after the previous window's end; the last ends exactly at n_targets: every target once."""
     L = min(seq_len, n_targets)
     wins, prev_end, start = [], 0, 0
     while True:
@@ -1241,7 +1065,6 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list:
         if prev_end >= n_targets:
             return wins
         start += stride
-
 
 class Evaluator:
     """Scores windows of the validation stream on this rank's share and reduces over ranks."""
@@ -1255,58 +1078,42 @@ class Evaluator:
         cap = (1 << 28 if device.type == "cuda" else 1 << 23) // (self.L * len(luts[0]))
         self.batch = max(1, min(batch_tokens // (seq_len * world), cap))
         self.luts = tuple(t.to(device) for t in luts)
-        self.compiled, self.compile_fn = compile_fn is not None, compile_fn or (lambda f: f)
-        self._scorers = {}
+        self.compile_fn, self._scorers = compile_fn, {}
 
-    def scorer(self, model):
-        if id(model) not in self._scorers:
-            self._scorers[id(model)] = self.compile_fn(model.forward_nll)
-        return self._scorers[id(model)]
+    def windows(self, idx, length=None):
+        """(x, y): `length` (default L) inputs starting at each of idx (b,), and the targets one token on."""
+        seq = self.tok[idx[:, None] + torch.arange((length or self.L) + 1, device=self.device)]
+        return seq[:, :-1], seq[:, 1:]
 
     def batches(self, wins):
-        """This rank's contiguous share of `wins`, in batches of equal first_scored."""
-        lo, hi = self.rank * len(wins) // self.world, (self.rank + 1) * len(wins) // self.world
-        mine, out = wins[lo:hi], []
+        """This rank's contiguous share of `wins` as (starts, first_scored) batches of equal first_scored."""
+        mine = wins[self.rank * len(wins) // self.world:(self.rank + 1) * len(wins) // self.world]
         i = 0
         while i < len(mine):
-            j = i
+            j = i + 1
             while j < len(mine) and j - i < self.batch and mine[j][1] == mine[i][1]:
                 j += 1
-            out.append(mine[i:j])
+            yield torch.tensor([w[0] for w in mine[i:j]], device=self.device), mine[i][1]
             i = j
-        return out
 
-    def gather(self, batch):
-        starts = torch.tensor([w[0] for w in batch], device=self.device)
-        idx = starts[:, None] + torch.arange(self.L + 1, device=self.device)
-        seq = self.tok[idx]
-        return seq[:, :-1], seq[:, 1:], batch[0][1]
-
-    def score_batch(self, model, batch, slot=None):
-        """NLL (b, L - s0) of the scored positions of a batch of windows."""
-        x, y, s0 = self.gather(batch)
+    def score(self, model, starts, s0, totals, dump, slot=None):
+        """NLL of the scored positions (>= s0) of the windows at `starts`, added to totals (and dump)."""
+        x, y = self.windows(starts)
         if slot is not None:
-            return slot_nll(model, x, y, s0, *slot, self.device)
-        pad = self.batch - len(batch) if self.compiled else 0
-        if pad:  # keep compiled shapes static
-            x, y = torch.cat([x, x[-1:].expand(pad, -1)]), torch.cat([y, y[-1:].expand(pad, -1)])
-        with torch.no_grad(), autocast_ctx(self.device):
-            return self.scorer(model)(x, y, s0)[:len(batch)].float()
-
-    def new_totals(self):
-        return torch.zeros(3, dtype=torch.float64, device=self.device)  # nll sum, targets, bytes
-
-    def accumulate(self, totals, batch, nll, dump):
-        x, y, s0 = self.gather(batch)
-        totals[0] += nll.double().sum()
-        totals[1] += nll.numel()
-        totals[2] += count_bytes(x[:, s0:], y[:, s0:], self.luts).sum()
+            nll = slot_nll(model, x, y, s0, *slot, self.device)
+        else:
+            if id(model) not in self._scorers:
+                self._scorers[id(model)] = self.compile_fn(model.forward_nll) if self.compile_fn else model.forward_nll
+            pad = self.batch - len(starts) if self.compile_fn else 0  # keep compiled shapes static
+            xp, yp = (torch.cat([x, x[-1:].expand(pad, -1)]), torch.cat([y, y[-1:].expand(pad, -1)])) if pad else (x, y)
+            with torch.no_grad(), autocast_ctx(self.device):
+                nll = self._scorers[id(model)](xp, yp, s0)[:len(starts)].float()
+        totals += torch.stack([nll.double().sum(), torch.tensor(float(nll.numel()), device=self.device,
+                               dtype=torch.float64), count_bytes(x[:, s0:], y[:, s0:], self.luts).sum().double()])
         if dump is not None:
-            pos = torch.tensor([w[0] + s0 for w in batch], device=self.device)[:, None] + \
-                torch.arange(self.L - s0, device=self.device)
-            dump[pos.reshape(-1)] = nll.reshape(-1).float()
+            dump[(starts[:, None] + torch.arange(s0, self.L, device=self.device)).reshape(-1)] = nll.reshape(-1)
 
-    def finish(self, totals, dump, t0):
+    def finish(self, totals, dump, t0) -> dict:
         if self.world > 1:
             dist.all_reduce(totals)
             if dump is not None:
@@ -1318,23 +1125,23 @@ class Evaluator:
         return dict(loss=nll / n, bpb=nll / (math.log(2) * nbytes), ms=1000 * (time.perf_counter() - t0),
                     nll=None if dump is None else dump.cpu().numpy())
 
-    def evaluate(self, model, stride: int, dump=False, slot=None) -> dict:
-        """Sliding-window eval (stride = seq_len gives the plain non-overlapping eval)."""
+    def start(self, dump: bool) -> tuple:
         sync(self.device)
-        t0 = time.perf_counter()
-        totals = self.new_totals()
-        buf = torch.zeros(self.n, device=self.device) if dump else None
-        for batch in self.batches(sliding_windows(self.n, self.L, stride)):
-            self.accumulate(totals, batch, self.score_batch(model, batch, slot), buf)
+        return (time.perf_counter(), torch.zeros(3, dtype=torch.float64, device=self.device),
+                torch.zeros(self.n, device=self.device) if dump else None)
+
+    def evaluate(self, model, stride: int, dump=False, slot=None) -> dict:
+        """Sliding-window eval (stride = seq_len gives the plain non-overlapping eval): (loss, bpb, ms, nll)."""
+        t0, totals, buf = self.start(dump)
+        for starts, s0 in self.batches(sliding_windows(self.n, self.L, stride)):
+            self.score(model, starts, s0, totals, buf, slot)
         return self.finish(totals, buf, t0)
 
     def evaluate_ttt(self, model, hp, dump=False, log=print) -> dict:
         """Legal score-first TTT: chunk c's windows are scored under no_grad with the weights adapted on
         chunks < c only; then the model trains on chunk c's (already scored) tokens."""
-        sync(self.device)
-        t0 = time.perf_counter()
-        m = copy.deepcopy(model)
-        m.requires_grad_(True)
+        t0, totals, buf = self.start(dump)
+        m = copy.deepcopy(model).requires_grad_(True)
         for blk in m.blocks[:hp.ttt_freeze_blocks]:
             blk.requires_grad_(False)
         params = [p for p in m.parameters() if p.requires_grad]
@@ -1343,30 +1150,29 @@ class Evaluator:
         n_chunks = math.ceil(self.n / C)
         by_chunk = [[] for _ in range(n_chunks)]
         for w in sliding_windows(self.n, self.L, hp.eval_stride):
-            by_chunk[(w[0] + w[1]) // C].append(w)
-        totals = self.new_totals()
-        buf = torch.zeros(self.n, device=self.device) if dump else None
+            by_chunk[(w[0] + w[1]) // C].append(w)  # by the first target it scores
         for c in range(n_chunks):
-            for batch in self.batches(by_chunk[c]):
-                self.accumulate(totals, batch, self.score_batch(m, batch), buf)
+            for starts, s0 in self.batches(by_chunk[c]):
+                self.score(m, starts, s0, totals, buf)
             if c == n_chunks - 1 or hp.ttt_epochs == 0:
                 continue
             lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(1, n_chunks - 1)))
             for g in opt.param_groups:
                 g["lr"] = lr
-            lo, hi = c * C, min((c + 1) * C, self.n)  # targets lo+1..hi: all scored by now
+            lo, hi = c * C, min((c + 1) * C, self.n)  # targets lo+1..hi, all scored by now
             seqs = [(s, min(s + self.L, hi)) for s in range(lo, hi, self.L)]
             for _ in range(hp.ttt_epochs):
                 for b0 in range(0, len(seqs), hp.ttt_batch_seqs):
                     group = seqs[b0:b0 + hp.ttt_batch_seqs]
-                    n_tgt = sum(e - s for s, e in group)
-                    for s, e in group[self.rank::self.world]:
+                    n_tgt, mine = sum(e - s for s, e in group), group[self.rank::self.world]
+                    for length in sorted({e - s for s, e in mine}):
+                        x, y = self.windows(torch.tensor([s for s, e in mine if e - s == length],
+                                                         device=self.device), length)
                         with autocast_ctx(self.device):
-                            loss = m(self.tok[None, s:e], self.tok[None, s + 1:e + 1]) * ((e - s) / n_tgt)
+                            loss = m(x, y) * (len(x) * length / n_tgt)
                         loss.backward()
                     for p in params:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
+                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
                         if self.world > 1:
                             dist.all_reduce(p.grad)
                     if hp.ttt_grad_clip > 0:
@@ -1376,7 +1182,6 @@ class Evaluator:
             if (c + 1) % max(1, n_chunks // 10) == 0:
                 log(f"ttt_chunk [{c + 1}/{n_chunks}] lr: {lr:.6f}")
         return self.finish(totals, buf, t0)
-
 
 def slot_nll(model, x, y, s0: int, steps: int, lr: float, device):
     """Context-only SLOT: one additive delta per window (b, 1, d) on the final hidden state, fitted with
@@ -1400,53 +1205,47 @@ def slot_nll(model, x, y, s0: int, steps: int, lr: float, device):
 
 # ============================================================================ main
 
-
-class PreflightError(RuntimeError):
-    """Missing or inconsistent data, tokenizer, artifact or output folder; one line, exit 2."""
-
-
 def preflight(hp: Hyperparameters) -> dict:
     """Check everything a run needs before any GPU work; nothing is written."""
     train, val, tok = data_paths(hp)
     get = f"run `python data/prepare.py download --variant sp{hp.vocab_size}` or set DATA_DIR"
     if not Path(tok).is_file():
-        raise PreflightError(f"tokenizer not found at {tok}: {get} (or TOKENIZER_PATH)")
+        raise ConfigError(f"tokenizer not found at {tok}: {get} (or TOKENIZER_PATH)")
     import sentencepiece as spm
     try:
         sp = spm.SentencePieceProcessor(model_file=tok)
     except Exception as e:
-        raise PreflightError(f"{tok} is not a SentencePiece model ({e})") from None
+        raise ConfigError(f"{tok} is not a SentencePiece model ({e})") from None
     if sp.get_piece_size() != hp.vocab_size:
-        raise PreflightError(f"tokenizer {tok} has {sp.get_piece_size()} pieces but VOCAB_SIZE={hp.vocab_size}: "
+        raise ConfigError(f"tokenizer {tok} has {sp.get_piece_size()} pieces but VOCAB_SIZE={hp.vocab_size}: "
                              "set VOCAB_SIZE to match or point TOKENIZER_PATH at the right model")
     if not train and not hp.eval_only:
-        raise PreflightError(f"no training shards match {hp.train_files or data_paths(hp)[0] or 'the DATA_DIR layout'}"
-                             f" under {hp.data_dir}: {get} (or TRAIN_FILES)")
+        raise ConfigError(f"no training shards match {hp.train_files or 'DATA_DIR/datasets/*/fineweb_train_*.bin'}"
+                             f" (DATA_DIR={hp.data_dir}): {get} (or TRAIN_FILES)")
     if not val:
-        raise PreflightError(f"no validation shards found under {hp.data_dir}: {get} (or VAL_FILES)")
+        raise ConfigError(f"no validation shards found under {hp.data_dir}: {get} (or VAL_FILES)")
     try:
         for p in train + val:
             read_shard_header(p)
         val_tokens = load_val_tokens(val, hp.eval_seq_len)
     except ShardError as e:
-        raise PreflightError(f"{e}: re-download or rebuild it with data/prepare.py") from None
+        raise ConfigError(f"{e}: re-download or rebuild it with data/prepare.py") from None
     if int(val_tokens.max()) >= hp.vocab_size:
-        raise PreflightError(f"validation holds token id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}: "
+        raise ConfigError(f"validation holds token id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}: "
                              "shards and tokenizer do not match")
     artifact = None
     if hp.eval_only:
         try:
             artifact = load_artifact(hp.eval_only)
         except Exception as e:
-            raise PreflightError(f"EVAL_ONLY={hp.eval_only}: cannot load artifact ({e})") from None
+            raise ConfigError(f"EVAL_ONLY={hp.eval_only}: cannot load artifact ({e})") from None
         if artifact[0].vocab_size != hp.vocab_size:
-            raise PreflightError(f"EVAL_ONLY artifact has vocab {artifact[0].vocab_size} but VOCAB_SIZE={hp.vocab_size}")
+            raise ConfigError(f"EVAL_ONLY artifact has vocab {artifact[0].vocab_size}, VOCAB_SIZE={hp.vocab_size}")
     out = Path(hp.out_dir).resolve()
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PreflightError(f"output folder {out} is not writable: set OUT_DIR to a writable folder")
+        raise ConfigError(f"output folder {out} is not writable: set OUT_DIR to a writable folder")
     return dict(train=train, val=val, tokenizer=tok, sp=sp, val_tokens=val_tokens, artifact=artifact)
-
 
 def ensure_smoke_data(hp: Hyperparameters):
     """SMOKE=1: build shards from the embedded sample once (data/prepare.py sample)."""
@@ -1457,24 +1256,20 @@ def ensure_smoke_data(hp: Hyperparameters):
         raise ConfigError("SMOKE=1 runs as one process: use plain `python train_gpt.py`")
     script = Path(__file__).resolve().parent / "data" / "prepare.py"
     if not script.is_file():
-        raise PreflightError(f"SMOKE=1 needs {script} to build its data")
+        raise ConfigError(f"SMOKE=1 needs {script} to build its data")
     print(f"smoke: building shards from the embedded sample into {hp.data_dir}", flush=True)
     if subprocess.run([sys.executable, str(script), "sample", "--out", hp.data_dir]).returncode:
-        raise PreflightError("smoke: data/prepare.py sample failed (see above)")
+        raise ConfigError("smoke: data/prepare.py sample failed (see above)")
 
-
-class Logger:
+def make_logger(path, enabled: bool):
     """Rank 0 only: stdout and logs/<RUN_ID>.txt."""
+    f = open(path, "a", encoding="utf-8") if enabled else None
 
-    def __init__(self, path, enabled: bool):
-        self.path, self.f = path, open(path, "a", encoding="utf-8") if enabled else None
-
-    def __call__(self, msg: str):
-        if self.f:
+    def log(msg: str):
+        if f:
             print(msg, flush=True)
-            self.f.write(msg + "\n")
-            self.f.flush()
-
+            print(msg, file=f, flush=True)
+    return log
 
 def init_runtime(hp: Hyperparameters) -> torch.device:
     cuda = torch.cuda.is_available()
@@ -1484,14 +1279,11 @@ def init_runtime(hp: Hyperparameters) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("high")
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // hp.world_size))
     if hp.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     torch._dynamo.config.cache_size_limit = 32
     torch._dynamo.config.optimize_ddp = False
     return device
-
 
 def select_attention(hp: Hyperparameters, device, cfg: ModelConfig) -> tuple:
     """(mode for causal_attention, label for the log): FA3 when importable, else the first SDPA kernel that
@@ -1518,24 +1310,20 @@ def select_attention(hp: Hyperparameters, device, cfg: ModelConfig) -> tuple:
             return mode, kind if mode == "fa3" else f"{kind} ({'native gqa' if mode == 'sdpa' else 'expanded kv'})"
     raise ConfigError(f"ATTN_BACKEND={hp.attn_backend}: no attention kernel ran on this GPU")
 
+def git_commit() -> str:
+    """The checkout's commit (+'-dirty' with uncommitted changes), or 'unavailable'."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                    text=True, timeout=10).stdout.strip()
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        return head + ("-dirty" if git("status", "--porcelain", "-uno") else "") if head else "unavailable"
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
 
 def environment_lines(hp, device, attn_label: str, data: dict) -> list:
-    def git(*args):
-        try:
-            r = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-                               timeout=10)
-            return r.stdout.strip() if r.returncode == 0 else ""
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    commit = git("rev-parse", "--short=12", "HEAD") or "unavailable"
-    if commit != "unavailable" and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "-dirty"
     cuda = device.type == "cuda"
-    if cuda:
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        gpu = ", ".join(f"{n} x{names.count(n)}" for n in dict.fromkeys(names))
-    else:
-        gpu = f"none (cpu, {os.cpu_count()} cores)"
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    gpu = ", ".join(f"{n} x{names.count(n)}" for n in dict.fromkeys(names)) or f"none (cpu, {os.cpu_count()} cores)"
     return [
         f"code_sha256: {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}",
         f"env: python: {platform.python_version()}",
@@ -1547,13 +1335,12 @@ def environment_lines(hp, device, attn_label: str, data: dict) -> list:
         f"env: world_size: {hp.world_size} grad_accum: {hp.grad_accum}",
         f"env: attention_backend: {attn_label}",
         f"env: compile: {hp.use_compile}",
-        f"env: git_commit: {commit}",
-        f"env: tokenizer: {data['tokenizer']} sha256: {hashlib.sha256(Path(data['tokenizer']).read_bytes()).hexdigest()}",
+        f"env: git_commit: {git_commit()}",
+        f"env: tokenizer: {data['tokenizer']}",
         f"env: tokenizer_sha256: {hashlib.sha256(Path(data['tokenizer']).read_bytes()).hexdigest()}",
         f"env: data_fingerprint: {shard_fingerprint(data['train'] + data['val'])} "
         f"(train_shards: {len(data['train'])} val_shards: {len(data['val'])})",
     ]
-
 
 def build_model(cfg: ModelConfig, device, attn_mode: str) -> GPT:
     model = GPT(cfg).to(device)
@@ -1561,7 +1348,6 @@ def build_model(cfg: ModelConfig, device, attn_mode: str) -> GPT:
         if isinstance(m, Attention):
             m.backend = attn_mode
     return model
-
 
 def final_evals(hp, cfg: ModelConfig, entries: dict, evaluator: Evaluator, device, attn_mode, log) -> dict:
     """Dequantize the artifact into a fresh model and run every enabled evaluation."""
@@ -1597,28 +1383,26 @@ def final_evals(hp, cfg: ModelConfig, entries: dict, evaluator: Evaluator, devic
         log(f"WARNING: evaluations took {total_ms / 1000:.0f}s, over the challenge's 600s evaluation limit")
     return results
 
-
 def main(env=None) -> int:
     env = dict(os.environ if env is None else env)
-    rank0 = int(env.get("RANK", "0")) == 0
     try:
         hp = Hyperparameters.from_env(env)
         if hp.smoke:
             ensure_smoke_data(hp)
-        data = preflight(hp)
-    except (ConfigError, PreflightError) as e:
-        if rank0:
+        return run(hp, preflight(hp))
+    except ConfigError as e:
+        if int(env.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        return run(hp, data)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
 def run(hp: Hyperparameters, data: dict) -> int:
     device = init_runtime(hp)
+    cfg = data["artifact"][0] if hp.eval_only else ModelConfig.from_hparams(hp)
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, hp.eval_seq_len))
+    attn_mode, attn_label = select_attention(hp, device, cfg)
     is_main = hp.rank == 0
     out = Path(hp.out_dir)
     hp.run_id = hp.run_id or str(uuid.uuid4())
@@ -1626,11 +1410,9 @@ def run(hp: Hyperparameters, data: dict) -> int:
         (out / "logs").mkdir(parents=True, exist_ok=True)
     if hp.world_size > 1:
         dist.barrier()
-    log = Logger(out / "logs" / f"{hp.run_id}.txt", is_main)
+    log_path = out / "logs" / f"{hp.run_id}.txt"
+    log = make_logger(log_path, is_main)
     log(f"run_id: {hp.run_id} started: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
-    cfg = data["artifact"][0] if hp.eval_only else ModelConfig.from_hparams(hp)
-    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, hp.eval_seq_len))
-    attn_mode, attn_label = select_attention(hp, device, cfg)
     for line in environment_lines(hp, device, attn_label, data) + hp.lines():
         log(line)
     luts = build_byte_luts(data["sp"], hp.vocab_size)
@@ -1675,12 +1457,10 @@ def run(hp: Hyperparameters, data: dict) -> int:
     entries = quantize_model(base, hessians, hp.gptq_enabled, hp.rank, hp.world_size)
     sync(device)
     quant_ms = 1000 * (time.perf_counter() - t0) - hess_ms
-    kinds = {k: [n for n, e in entries.items() if e["kind"] == k] for k in ("int6", "int8", "fp16")}
-    count = lambda names: sum(dict(base.named_parameters())[n].numel() for n in names)
-    log(f"gptq:hessians {len({id(h) for h in hessians.values()})} from {n_batches * hp.world_size} batches "
-        f"in {hess_ms:.0f}ms")
+    log(f"gptq:hessians {len(hessians)} from {n_batches * hp.world_size} batches in {hess_ms:.0f}ms")
+    kinds = {k: [e.get("q", e.get("data")).numel() for e in entries.values() if e["kind"] == k] for k in STREAMS}
     log(f"gptq:quantized in {quant_ms:.0f}ms ({'full GPTQ' if hp.gptq_enabled else 'round-to-nearest'}): "
-        + " ".join(f"{k}: {len(v)} tensors / {count(v)} params" for k, v in kinds.items()))
+        + " ".join(f"{k}: {len(v)} tensors / {sum(v)} params" for k, v in kinds.items() if k != "scale"))
     gptq_ms = hess_ms + quant_ms
     if gptq_ms > 1000 * hp.gptq_reserve_seconds:
         log(f"WARNING: GPTQ took {gptq_ms:.0f}ms, over GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}")
@@ -1713,9 +1493,8 @@ def run(hp: Hyperparameters, data: dict) -> int:
         return 1
     final_evals(hp, cfg, load_artifact(artifact_path)[1], evaluator, device, attn_mode, log)
     log(f"artifact: {artifact_path.resolve()}")
-    log(f"log: {Path(log.path).resolve()}")
+    log(f"log: {log_path.resolve()}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

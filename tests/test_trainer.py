@@ -222,7 +222,7 @@ def test_recurrence_changes_virtual_layers_and_output():
     m.recur_active = True
     assert m.layer_order() == [0, 1, 2, 1, 2, 3, 4]
     assert not torch.allclose(y0, m.hidden(x))
-    assert t.matmul_params_per_token(m, True) > t.matmul_params_per_token(m, False)
+    assert t.flops_per_token(m, True, 16) > t.flops_per_token(m, False, 16)
 
 
 @pytest.mark.parametrize("recur", [False, True])
