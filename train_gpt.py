@@ -108,8 +108,7 @@ class Hyperparameters:
         return 8 // self.world_size
 
     @property
-    def train_seqs(self) -> int:
-        """Sequences per optimizer step over all ranks."""
+    def train_seqs(self) -> int:  # sequences per optimizer step, all ranks together
         return self.train_batch_tokens // self.train_seq_len
 
     @property
@@ -143,8 +142,8 @@ class Hyperparameters:
         need(h.iterations >= 1 and h.gptq_calibration_batches >= 1, "ITERATIONS, GPTQ_CALIBRATION_BATCHES must be >= 1")
         need(h.max_wallclock_seconds <= 0 or h.max_wallclock_seconds > h.gptq_reserve_seconds,
              f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no time after GPTQ_RESERVE_SECONDS")
-        need(h.attn_backend in ("auto", "fa3", "cudnn", "flash", "math"),
-             f"ATTN_BACKEND={h.attn_backend} must be one of auto|fa3|cudnn|flash|math")
+        need(h.attn_backend in ("auto", "math", *(("fa3", "cudnn", "flash") if torch.cuda.is_available() else ())),
+             f"ATTN_BACKEND={h.attn_backend} must be auto|math, or fa3|cudnn|flash on a CUDA machine")
         need(h.compile in ("auto", "0", "1"), f"COMPILE={h.compile} must be auto, 0 or 1")
         need(h.ttt_chunk_tokens >= 1 and h.ttt_batch_seqs >= 1 and h.ttt_epochs >= 0 and h.slot_steps >= 0,
              "TTT_CHUNK_TOKENS and TTT_BATCH_SEQS must be positive, TTT_EPOCHS and SLOT_STEPS non-negative")
@@ -671,8 +670,7 @@ class AgreedClock:
 
     def push(self, step: int, ms: float):
         cuda = self.device.type == "cuda"
-        t = torch.tensor([ms], dtype=torch.float64)
-        t = t.pin_memory().to(self.device, non_blocking=True) if cuda else t
+        t = torch.tensor([ms], dtype=torch.float64, pin_memory=cuda).to(self.device, non_blocking=True)
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         out = torch.empty(1, dtype=torch.float64, pin_memory=cuda).copy_(t, non_blocking=cuda)
@@ -768,8 +766,8 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
             train_ms += 1000 * (time.perf_counter() - t0)
             if stop:
                 log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{iters}")
-            vl, vb = val_fn(base)
-            log(f"{step}/{iters} val_loss: {vl:.4f} val_bpb: {vb:.4f} train_time: {train_ms / 60000:.2f}m")
+            r = val_fn(base)
+            log(f"{step}/{iters} val_loss: {r['loss']:.4f} val_bpb: {r['bpb']:.4f} train_time: {train_ms / 60000:.2f}m")
             sync(device)
             t0 = time.perf_counter()
         if last:
@@ -779,9 +777,8 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
                 step >= hp.recur_start_step if hp.recur_start_step >= 0 else frac >= hp.recur_start_frac):
             base.recur_active = True
             log(f"recurrence:activated at step {step}, virtual_layers={base.recur_order}")
-        tokens = next_tokens
-        loss = train_step(model, base, opts, tokens, hp, step, lr_multiplier(frac, hp.warmdown_frac, hp.min_lr),
-                          device)
+        loss = train_step(model, base, opts, next_tokens, hp, step,
+                          lr_multiplier(frac, hp.warmdown_frac, hp.min_lr), device)
         ema.update()
         total_flops += flops[base.recur_active] * tokens_per_step
         step += 1
@@ -831,10 +828,12 @@ def collect_hessians(model: GPT, batches, device, world: int) -> dict:
     def hook(name):
         def add(_mod, args):
             x = args[0].reshape(-1, args[0].size(-1)).float()
-            hs.setdefault(name, torch.zeros(x.size(1), x.size(1), device=device)).addmm_(x.T, x)
+            if name not in hs:
+                hs[name] = torch.zeros(x.size(1), x.size(1), device=device)
+            hs[name].addmm_(x.T, x)
         return add
-    hooks = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and plan[f"{n}.weight"] == "int6"]
+    hooks = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in model.named_modules()  # c_k, c_v: below
+             if isinstance(m, nn.Linear) and plan[f"{n}.weight"] == "int6" and not n.endswith((".c_k", ".c_v"))]
     count = torch.zeros((), device=device)
     for tokens in batches:
         with autocast_ctx(device):
@@ -844,7 +843,8 @@ def collect_hessians(model: GPT, batches, device, world: int) -> dict:
         h.remove()
     for t in [count, *hs.values()] if world > 1 else []:
         dist.all_reduce(t)
-    return {n: H / count for n, H in hs.items()}
+    hs = {n: H / count for n, H in hs.items()}  # c_k and c_v read c_q's input: they share its Hessian
+    return {**hs, **{n.replace(".c_q.", c): H for n, H in hs.items() if ".c_q." in n for c in (".c_k.", ".c_v.")}}
 
 def _row_scales(W: torch.Tensor, qmax: int, fracs) -> torch.Tensor:
     """(K, rows) candidate scales, rounded to fp16 as stored."""
@@ -1181,6 +1181,7 @@ class Evaluator:
                     opt.zero_grad(set_to_none=True)
             if (c + 1) % max(1, n_chunks // 10) == 0:
                 log(f"ttt_chunk [{c + 1}/{n_chunks}] lr: {lr:.6f}")
+        self._scorers.pop(id(m), None)  # the adapted copy is done with
         return self.finish(totals, buf, t0)
 
 def slot_nll(model, x, y, s0: int, steps: int, lr: float, device):
@@ -1241,6 +1242,9 @@ def preflight(hp: Hyperparameters) -> dict:
             raise ConfigError(f"EVAL_ONLY={hp.eval_only}: cannot load artifact ({e})") from None
         if artifact[0].vocab_size != hp.vocab_size:
             raise ConfigError(f"EVAL_ONLY artifact has vocab {artifact[0].vocab_size}, VOCAB_SIZE={hp.vocab_size}")
+    if not hp.eval_only and Path(__file__).stat().st_size >= hp.artifact_bytes_limit:
+        raise ConfigError(f"code alone is {Path(__file__).stat().st_size} bytes, over ARTIFACT_BYTES_LIMIT="
+                          f"{hp.artifact_bytes_limit}")
     out = Path(hp.out_dir).resolve()
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
@@ -1289,8 +1293,6 @@ def select_attention(hp: Hyperparameters, device, cfg: ModelConfig) -> tuple:
     """(mode for causal_attention, label for the log): FA3 when importable, else the first SDPA kernel that
     runs causal GQA at our head shape, cuDNN first (faster than flash on H100 at our shape)."""
     if device.type != "cuda":
-        if hp.attn_backend not in ("auto", "math"):
-            raise ConfigError(f"ATTN_BACKEND={hp.attn_backend} needs CUDA; on CPU use auto or math")
         return "sdpa", "sdpa (cpu)"
     hd = cfg.model_dim // cfg.num_heads
     order = ["fa3", "cudnn", "flash", "math"] if hp.attn_backend == "auto" else [hp.attn_backend]
@@ -1408,8 +1410,6 @@ def run(hp: Hyperparameters, data: dict) -> int:
     hp.run_id = hp.run_id or str(uuid.uuid4())
     if is_main:
         (out / "logs").mkdir(parents=True, exist_ok=True)
-    if hp.world_size > 1:
-        dist.barrier()
     log_path = out / "logs" / f"{hp.run_id}.txt"
     log = make_logger(log_path, is_main)
     log(f"run_id: {hp.run_id} started: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
@@ -1444,7 +1444,7 @@ def run(hp: Hyperparameters, data: dict) -> int:
     ns_fn = torch.compile(muoneq_r_update) if hp.use_compile else muoneq_r_update
     stream = lambda seed, seqs: TrainStream(data["train"], hp.train_seq_len, seqs, hp.rank, hp.world_size, seed)
     stats = train(hp, base, model, device, lambda: stream(hp.seed, hp.train_seqs),
-                  lambda m: (lambda r: (r["loss"], r["bpb"]))(evaluator.evaluate(m, evaluator.L)), log, ns_fn)
+                  lambda m: evaluator.evaluate(m, evaluator.L), log, ns_fn)
 
     # GPTQ calibration (training data, inside the budget), quantization spread over ranks
     sync(device)
