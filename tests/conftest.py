@@ -47,6 +47,36 @@ def tiny_sp(tiny_data_dir):
     return spm.SentencePieceProcessor(model_file=str(tiny_data_dir / "tokenizers" / f"fineweb_{TINY_VOCAB}_bpe.model"))
 
 
+def tiny_cfg(**over):
+    """A tiny ModelConfig with every path active: XSA, value embeddings, recurrence, parallel lanes, skips."""
+    import train_gpt as t
+    kw = dict(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, xsa_last_n=3,
+              ve_dim=8, ve_layers=(1, 2), recur_layers=(1,), parallel_start_layer=2, max_seq_len=64)
+    kw.update(over)
+    return t.ModelConfig(**kw)
+
+
+def random_gpt(seed: int = 0, **over):
+    """A tiny GPT (tiny_cfg) with non-trivial weights everywhere (the zero-init projections and the 0.005-std
+    embedding would make it nearly uniform), recurrence on and no gradients, as the evaluations use it."""
+    import torch
+    import train_gpt as t
+    torch.manual_seed(seed)
+    model = t.GPT(tiny_cfg(**over))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Embedding):
+                m.weight.normal_(0, 0.4)
+            elif isinstance(m, torch.nn.Linear):
+                m.weight.add_(torch.randn_like(m.weight) * 0.15)
+        for p in model.parameters():
+            if p.ndim < 2:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.recur_active = True
+    model.requires_grad_(False)
+    return model
+
+
 def tiny_env(data_dir, out_dir, **over):
     """Env for a seconds-long CPU run of train_gpt.py on the tiny data."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train_gpt as t
+from conftest import random_gpt
 
 V = 64
 SEQ = 32
@@ -24,27 +25,7 @@ ATOL = 1e-5
 
 # ---------------------------------------------------------------- helpers
 
-
-def make_model(seed: int = 0) -> t.GPT:
-    """A tiny random GPT with every path (XSA, VE, recurrence, lanes, skips) active and non-trivial
-    weights (the zero-init projections and the 0.005-std embedding would make it nearly uniform)."""
-    torch.manual_seed(seed)
-    cfg = t.ModelConfig(vocab_size=V, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
-                        xsa_last_n=3, ve_dim=8, ve_layers=(1, 2), recur_layers=(1,), parallel_start_layer=2,
-                        max_seq_len=64)
-    model = t.GPT(cfg)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Embedding):
-                m.weight.normal_(0, 0.4)
-            elif isinstance(m, torch.nn.Linear):
-                m.weight.add_(torch.randn_like(m.weight) * 0.15)
-        for name, p in model.named_parameters():
-            if "weight" not in name or p.ndim < 2:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.recur_active = True
-    model.requires_grad_(False)
-    return model
+make_model = random_gpt  # vocab V=64, every path active
 
 
 def make_luts(seed: int = 1):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt as t
-from conftest import ROOT, run_train, tiny_env
+from conftest import ROOT, random_gpt, run_train, tiny_cfg, tiny_env
 
 TRAIN = ROOT / "train_gpt.py"
 CPU = torch.device("cpu")
@@ -22,29 +22,8 @@ CPU = torch.device("cpu")
 # ---------------------------------------------------------------- helpers
 
 
-def tiny_cfg(**over) -> t.ModelConfig:
-    kw = dict(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, xsa_last_n=3,
-              ve_dim=8, ve_layers=(1, 2), recur_layers=(1,), parallel_start_layer=2, max_seq_len=64)
-    kw.update(over)
-    return t.ModelConfig(**kw)
 
-
-def make_model(seed: int = 0) -> t.GPT:
-    """Tiny GPT with non-trivial weights everywhere (no zero projections, a visible embedding)."""
-    torch.manual_seed(seed)
-    model = t.GPT(tiny_cfg())
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Embedding):
-                m.weight.normal_(0, 0.4)
-            elif isinstance(m, torch.nn.Linear):
-                m.weight.add_(torch.randn_like(m.weight) * 0.15)
-        for name, p in model.named_parameters():
-            if p.ndim < 2:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.recur_active = True
-    model.requires_grad_(False)
-    return model
+make_model = random_gpt
 
 
 def token_batches(n: int, b: int = 2, T: int = 48, seed: int = 5, vocab: int = 64) -> list:
