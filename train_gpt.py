@@ -1088,12 +1088,12 @@ class Evaluator:
     def batches(self, wins):
         """This rank's contiguous share of `wins` as (starts, first_scored) batches of equal first_scored."""
         mine = wins[self.rank * len(wins) // self.world:(self.rank + 1) * len(wins) // self.world]
+        starts = torch.tensor([w[0] for w in mine], dtype=torch.long).to(self.device)  # one copy per evaluation
         i = 0
         while i < len(mine):
-            j = i + 1
-            while j < len(mine) and j - i < self.batch and mine[j][1] == mine[i][1]:
-                j += 1
-            yield torch.tensor([w[0] for w in mine[i:j]], device=self.device), mine[i][1]
+            j = min(i + self.batch, len(mine))
+            j = next((k for k in range(i + 1, j) if mine[k][1] != mine[i][1]), j)
+            yield starts[i:j], mine[i][1]
             i = j
 
     def score(self, model, starts, s0, totals, dump, slot=None):
@@ -1108,8 +1108,9 @@ class Evaluator:
             xp, yp = (torch.cat([x, x[-1:].expand(pad, -1)]), torch.cat([y, y[-1:].expand(pad, -1)])) if pad else (x, y)
             with torch.no_grad(), autocast_ctx(self.device):
                 nll = self._scorers[id(model)](xp, yp, s0)[:len(starts)].float()
-        totals += torch.stack([nll.double().sum(), torch.tensor(float(nll.numel()), device=self.device,
-                               dtype=torch.float64), count_bytes(x[:, s0:], y[:, s0:], self.luts).sum().double()])
+        totals[0] += nll.double().sum()  # device-side sums: no host sync per batch
+        totals[1] += nll.numel()
+        totals[2] += count_bytes(x[:, s0:], y[:, s0:], self.luts).sum()
         if dump is not None:
             dump[(starts[:, None] + torch.arange(s0, self.L, device=self.device)).reshape(-1)] = nll.reshape(-1)
 
@@ -1118,10 +1119,9 @@ class Evaluator:
             dist.all_reduce(totals)
             if dump is not None:
                 dist.all_reduce(dump)
-        nll, n, nbytes = totals.tolist()
+        nll, n, nbytes = totals.tolist()  # waits for the device
         if int(n) != self.n:
             raise RuntimeError(f"scored {int(n)} targets, expected exactly {self.n}")
-        sync(self.device)
         return dict(loss=nll / n, bpb=nll / (math.log(2) * nbytes), ms=1000 * (time.perf_counter() - t0),
                     nll=None if dump is None else dump.cpu().numpy())
 
