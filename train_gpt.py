@@ -90,7 +90,7 @@ class Hyperparameters:
         for name, default in (("rank", 0), ("world_size", 1), ("local_rank", 0)):
             kw[name] = int(env.get(name.upper(), default))
         hp = cls(**kw)
-        hp.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
+        hp.eval_seq_len = hp.eval_seq_len or (0 if hp.eval_only else hp.train_seq_len)  # EVAL_ONLY: see preflight
         hp.validate()
         return hp
 
@@ -134,7 +134,7 @@ class Hyperparameters:
              f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
         need(h.train_seqs % 8 == 0, f"TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN={h.train_seqs} sequences must split into "
              "8 equal micro-batches (world_size x grad_accum = 8)")
-        need(1 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride} not in 1..EVAL_SEQ_LEN")
+        need(1 <= h.eval_stride <= (h.eval_seq_len or h.eval_stride), f"EVAL_STRIDE={h.eval_stride} > EVAL_SEQ_LEN")
         need(0 < h.vocab_size <= 65536, f"VOCAB_SIZE={h.vocab_size} must fit uint16 tokens")
         for name in ("warmdown_frac", "recur_start_frac"):
             need(0.0 <= getattr(h, name) <= 1.0, f"{name.upper()}={getattr(h, name)} must be in [0, 1]")
@@ -1218,22 +1218,12 @@ def preflight(hp: Hyperparameters) -> dict:
     except Exception as e:
         raise ConfigError(f"{tok} is not a SentencePiece model ({e})") from None
     if sp.get_piece_size() != hp.vocab_size:
-        raise ConfigError(f"tokenizer {tok} has {sp.get_piece_size()} pieces but VOCAB_SIZE={hp.vocab_size}: "
-                             "set VOCAB_SIZE to match or point TOKENIZER_PATH at the right model")
+        raise ConfigError(f"tokenizer {tok} has {sp.get_piece_size()} pieces but VOCAB_SIZE={hp.vocab_size}")
     if not train and not hp.eval_only:
         raise ConfigError(f"no training shards match {hp.train_files or 'DATA_DIR/datasets/*/fineweb_train_*.bin'}"
-                             f" (DATA_DIR={hp.data_dir}): {get} (or TRAIN_FILES)")
+                          f" (DATA_DIR={hp.data_dir}): {get} (or TRAIN_FILES)")
     if not val:
         raise ConfigError(f"no validation shards found under {hp.data_dir}: {get} (or VAL_FILES)")
-    try:
-        for p in train + val:
-            read_shard_header(p)
-        val_tokens = load_val_tokens(val, hp.eval_seq_len)
-    except ShardError as e:
-        raise ConfigError(f"{e}: re-download or rebuild it with data/prepare.py") from None
-    if int(val_tokens.max()) >= hp.vocab_size:
-        raise ConfigError(f"validation holds token id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}: "
-                             "shards and tokenizer do not match")
     artifact = None
     if hp.eval_only:
         try:
@@ -1242,6 +1232,16 @@ def preflight(hp: Hyperparameters) -> dict:
             raise ConfigError(f"EVAL_ONLY={hp.eval_only}: cannot load artifact ({e})") from None
         if artifact[0].vocab_size != hp.vocab_size:
             raise ConfigError(f"EVAL_ONLY artifact has vocab {artifact[0].vocab_size}, VOCAB_SIZE={hp.vocab_size}")
+        hp.eval_seq_len = hp.eval_seq_len or artifact[0].max_seq_len  # unless set: the run's sequence length
+        hp.validate()
+    try:
+        for p in train + val:
+            read_shard_header(p)
+        val_tokens = load_val_tokens(val, hp.eval_seq_len)
+    except ShardError as e:
+        raise ConfigError(f"{e}: re-download or rebuild it with data/prepare.py") from None
+    if val_tokens.max() >= hp.vocab_size:
+        raise ConfigError(f"validation holds token id {val_tokens.max()} >= VOCAB_SIZE={hp.vocab_size}: wrong data?")
     if not hp.eval_only and Path(__file__).stat().st_size >= hp.artifact_bytes_limit:
         raise ConfigError(f"code alone is {Path(__file__).stat().st_size} bytes, over ARTIFACT_BYTES_LIMIT="
                           f"{hp.artifact_bytes_limit}")

@@ -437,15 +437,17 @@ def test_end_to_end_sizes_and_log(base_run):
 
 def test_eval_only_reproduces_run(base_run, tiny_data_dir, tmp_path):
     art = base_run["out"] / "final_model.int6.ptz"
-    # architecture env vars differ on purpose: EVAL_ONLY must take the model config from the artifact
+    # architecture env vars differ on purpose: EVAL_ONLY must take the model config from the artifact, and with
+    # no sequence length given it evaluates at the run's (64 here, not the 2048 default)
     env = tiny_env(tiny_data_dir, tmp_path / "eo", RUN_ID="eo", EVAL_ONLY=str(art), MODEL_DIM="48", SEED="7")
+    del env["TRAIN_SEQ_LEN"], env["TRAIN_BATCH_TOKENS"]
     r = run_ok(env, "EVAL_ONLY run")
     for name in ("final_int6_roundtrip", "final_int6_sliding_window"):
         assert scores(r.stdout, name) == scores(base_run["log"], name), name
     s, s0 = sizes(r.stdout), sizes(base_run["log"])
     assert s["model"] == s0["model"] and s["total"] == s0["total"]
     assert not (tmp_path / "eo" / "final_model.int6.ptz").exists()
-    assert "train_loss" not in r.stdout
+    assert "train_loss" not in r.stdout and "  eval_seq_len: 64" in r.stdout
 
 
 def test_tight_limit_prunes_then_fits(base_run, tiny_data_dir, tmp_path):

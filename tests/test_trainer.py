@@ -56,7 +56,7 @@ def test_env_overrides_and_types():
     ({"TRAIN_BATCH_TOKENS": "8192", "TRAIN_SEQ_LEN": "2048"}, "8 equal micro-batches"),
     ({"SEED": "x"}, "SEED='x' is not a valid int"),
     ({"ATTN_BACKEND": "xformers"}, "ATTN_BACKEND"),
-    ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE"),
+    ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096 > EVAL_SEQ_LEN"),
 ])
 def test_impossible_values_raise_one_clear_error(env, needle):
     with pytest.raises(t.ConfigError, match=needle):
