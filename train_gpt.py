@@ -800,7 +800,6 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
     log(f"train_summary: steps: {step} train_time: {train_ms:.0f}ms tok/s: {tok_s:.0f} mfu: {mfu}")
     log("ema:applying EMA weights")
     ema.apply_to(base)
-    base.recur_active = use_recur
     return dict(steps=step, train_ms=train_ms)
 
 
@@ -1445,6 +1444,7 @@ def run(hp: Hyperparameters, data: dict) -> int:
     stream = lambda seed, seqs: TrainStream(data["train"], hp.train_seq_len, seqs, hp.rank, hp.world_size, seed)
     stats = train(hp, base, model, device, lambda: stream(hp.seed, hp.train_seqs),
                   lambda m: evaluator.evaluate(m, evaluator.L), log, ns_fn)
+    cfg = cfg if base.recur_active else dataclasses.replace(cfg, recur_layers=())  # never switched on: as trained
 
     # GPTQ calibration (training data, inside the budget), quantization spread over ranks
     sync(device)
