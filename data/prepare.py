@@ -336,7 +336,9 @@ def _stage_dir(out: Path) -> Path:
     anc = out.parent
     while not anc.exists():
         anc = anc.parent
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=anc))
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=anc))
+    stage.chmod(0o755)  # mkdtemp makes it owner-only; it becomes the output folder
+    return stage
 
 
 def _commit(stage: Path, out: Path, rels: list[str], force: bool) -> None:
@@ -555,6 +557,13 @@ def sample(out, *, workers: int | None = None, force: bool = False, progress: bo
     out = Path(out)
     ds_dir, _ = dataset_paths(out, SAMPLE_VOCAB_SIZE)
     if ds_dir.exists() and not force:
+        try:  # never replace a dataset that is not a sample build (e.g. downloaded FineWeb) without --force
+            command = json.loads((ds_dir / "manifest.json").read_text(encoding="utf-8"))["settings"]["command"]
+        except (OSError, ValueError, KeyError, TypeError):
+            command = None
+        if not command or "sample" not in command[:2]:
+            raise PrepareError(f"{ds_dir} exists and is not a sample build: use another --out, or --force to "
+                               "replace it")
         try:
             m = verify_dataset(ds_dir)
             if (m["tokenizer"]["sha256"] == sha256_file(SAMPLE_TOKENIZER)
@@ -618,6 +627,9 @@ def download(variant: str, *, data_dir=DATA_ROOT, train_shards: int = DEFAULT_TR
     fetch = fetch or hf_fetch
     data_dir = Path(data_dir)
     ds_dir, tok_path = dataset_paths(data_dir, vocab)
+    if (ds_dir / "manifest.json").exists():  # shards and tokenizer of our own build carry the same names
+        raise PrepareError(f"{ds_dir} holds a dataset built by prepare.py (manifest.json): download into another "
+                           "--data-dir")
     tg = _train_gpt()
     ds_name, tok_name = ds_dir.name, tok_path.name
 

@@ -371,3 +371,21 @@ def test_download_network_errors_are_not_missing_files(hub, tmp_path):
     # listing failure alone falls back to probing and still succeeds
     ds = prepare.download("sp4096", data_dir=tmp_path / "e", train_shards=1, fetch=hub.fetch, list_files=broken_list)
     assert sorted(p.name for p in ds.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+
+
+def test_sample_and_download_never_overwrite_each_other(hub, tmp_path):
+    """A downloaded dataset is not replaced by `sample`, and `download` refuses a folder we built ourselves
+    (same file names, different data), unless forced."""
+    data = tmp_path / "data"
+    ds = run_download(hub, data)
+    before = {p.name: p.read_bytes() for p in ds.iterdir()}
+    with pytest.raises(prepare.PrepareError, match="is not a sample build"):
+        prepare.sample(data, progress=False)
+    assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
+    built_dir = prepare.sample(tmp_path / "own", progress=False)
+    with pytest.raises(prepare.PrepareError, match="holds a dataset built by prepare.py"):
+        run_download(hub, tmp_path / "own")
+    assert prepare.verify_dataset(built_dir)
+    assert oct((tmp_path / "own").stat().st_mode & 0o777) == oct(0o755)  # not mkdtemp's owner-only mode
+    prepare.sample(data, progress=False, force=True)  # --force does replace it
+    assert prepare.verify_dataset(ds)
