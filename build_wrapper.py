@@ -26,7 +26,12 @@ Record folder::
         [--github-id ID] [--baseline-bpb x,y,z] [--script train_gpt.py] [--out DIR]
 
 writes the wrapped train_gpt.py, the logs, submission.json, README.md and
-train_curves.png into DIR, or nothing at all if any check fails.
+train_curves.png into DIR, or nothing at all if any check fails.  Each log must hold
+exactly one training run (EVAL_ONLY re-score runs appended to it are ignored); all
+logs must share code, tokenizer, data fingerprint, hyperparameters (apart from
+seed, ids, ranks and per-run paths) and score line.  ``--force`` replaces only a
+previous record folder (one holding submission.json), never one holding the current
+directory, the script or a log.
 
 The first positional word ``record`` selects the second mode; to wrap a file
 that is literally called ``record`` write ``./record``.
@@ -53,6 +58,9 @@ import tokenize
 MAX_LINE = 100
 MAX_ARTIFACT_BYTES = 16_000_000
 MAX_TRAIN_MS = 600_000
+MAX_EVAL_MS = 600_000  # the challenge's evaluation time limit
+# Hyperparameters that may differ between the seeds of one record (ids, ranks, per-run paths).
+HPARAMS_MAY_DIFFER = frozenset({"seed", "run_id", "rank", "local_rank", "out_dir", "dump_token_nll"})
 DEFAULT_TRACK = "10min_16mb"
 
 HEADER = "import lzma as L,base64 as B\n"
@@ -94,9 +102,19 @@ def remove_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+def _split_lines(src: str) -> list[str]:
+    """Lines with their ends, split on "\n" only -- like tokenize and the parser, unlike
+    ``str.splitlines`` (which also splits on \x0c, \x1c-\x1e, \x85, U+2028, U+2029 ...)."""
+    parts = src.split("\n")
+    out = [p + "\n" for p in parts[:-1]]
+    if parts[-1]:
+        out.append(parts[-1])
+    return out
+
+
 def _line_offsets(src: str) -> list[int]:
     offs, pos = [0], 0
-    for line in src.splitlines(keepends=True):
+    for line in _split_lines(src):
         pos += len(line)
         offs.append(pos)
     return offs
@@ -150,7 +168,7 @@ def _logical_line_depths(src: str) -> dict[int, int]:
 def _strip_once(src: str) -> str:
     tree = ast.parse(src)
     offs = _line_offsets(src)
-    lines = src.splitlines(keepends=True)
+    lines = _split_lines(src)
 
     def char_offset(lineno: int, byte_col: int) -> int:  # ast columns are UTF-8 byte offsets
         line = lines[lineno - 1]
@@ -187,7 +205,7 @@ def _strip_once(src: str) -> str:
     head, tail = _string_rows(text)
     depths = _logical_line_depths(text)
     result = []
-    for i, line in enumerate(text.splitlines(keepends=True), start=1):
+    for i, line in enumerate(_split_lines(text), start=1):
         if i in head:  # starts inside a string: leave as is
             result.append(line)
             continue
@@ -421,7 +439,6 @@ def format_report(rep: dict) -> str:
 _F = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
 _RE = {
     "code_sha256": re.compile(r"^code_sha256: ([0-9a-f]{64})\s*$", re.M),
-    "seed": re.compile(r"^[ \t]+seed: (-?\d+)\s*$", re.M),
     "env": re.compile(r"^env: (\w+): (.*?)\s*$", re.M),
     "val": re.compile(rf"^(\d+)/(\d+) val_loss: ({_F}) val_bpb: ({_F}) train_time: ({_F})m", re.M),
     "train": re.compile(rf"^(\d+)/(\d+) train_loss: ({_F}) train_time: ({_F})m"
@@ -435,7 +452,12 @@ _RE = {
     "total": re.compile(r"^Total submission size(?: (\S+))?: (\d+) bytes", re.M),
     "final": re.compile(r"^final_(\w+) ((?:\w+:\S+ ?)+)\s*$", re.M),
     "peak": re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB", re.M),
+    "run_id": re.compile(r"^run_id: (\S*)", re.M),
+    "eval_total": re.compile(r"^eval_total: (\d+)ms\s*$", re.M),
+    "eval_only": re.compile(r"^eval_only: ", re.M),
 }
+_RUN_START = re.compile(r"^run_id: ", re.M)
+_HP_LINE = re.compile(r"  (\w+): ?(.*?)[ \t\r]*")
 
 
 def _num(s: str):
@@ -460,18 +482,73 @@ def _single(name: str, text: str, required: bool = True, group: int = 1):
     return vals.pop()
 
 
+def split_runs(text: str) -> list[str]:
+    """Split a log at its ``run_id: `` lines, one segment per run (train_gpt.py appends to
+    ``logs/<RUN_ID>.txt``, so a re-used RUN_ID gives several runs in one file).  Text
+    before the first ``run_id:`` line belongs to the first run; a log without any such
+    line is one run."""
+    starts = [m.start() for m in _RUN_START.finditer(text)]
+    if not starts:
+        return [text]
+    segs = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+    segs[0] = text[:starts[0]] + segs[0]
+    return segs
+
+
+def parse_hparams(text: str) -> dict | None:
+    """The ``Hyperparameters:`` block (``  name: value`` lines) as a dict, or None."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.rstrip() == "Hyperparameters:":
+            hp = {}
+            for l in lines[i + 1:]:
+                m = _HP_LINE.fullmatch(l)
+                if not m:
+                    break
+                hp[m[1]] = m[2]
+            return hp
+    return None
+
+
 def parse_log(text: str, where: str = "log") -> dict:
-    """Parse one rank-0 training log (format in the module docs / brief)."""
+    """Parse one rank-0 training log (format in the module docs / brief).
+
+    A log may hold several runs (see :func:`split_runs`); exactly one of them must be a
+    training run (it has a ``training_budget:`` line) and only that one is parsed.
+    EVAL_ONLY re-score runs (and runs that never reached ``training_budget``) are ignored.
+    """
     try:
-        out = {"code_sha256": _single("code_sha256", text)}
-        seeds = [int(m.group(1)) for m in _RE["seed"].finditer(text)]
-        if not seeds:
+        segs = split_runs(text)
+        train = [s_ for s_ in segs if _RE["budget"].search(s_)]
+        if len(train) > 1:
+            ids = [(_RE["run_id"].search(s_) or [None, "?"])[1] for s_ in train]
+            raise RecordError(f"holds {len(train)} training runs (run_id {', '.join(ids)}); "
+                              "give one training run per log")
+        if not train:
+            kinds = " (it has only EVAL_ONLY runs)" if any(_RE["eval_only"].search(s_)
+                                                           for s_ in segs) else ""
+            raise RecordError(f"missing required line 'training_budget: ...'{kinds}")
+        text = train[0]
+        rid = _RE["run_id"].search(text)
+        out = {"code_sha256": _single("code_sha256", text),
+               "run_id": rid[1] if rid else None, "ignored_runs": len(segs) - 1}
+        hp = parse_hparams(text)
+        if hp is None:
+            raise RecordError("missing required 'Hyperparameters:' block")
+        if not re.fullmatch(r"-?\d+", hp.get("seed", "")):
             raise RecordError("missing required line '  seed: N' (Hyperparameters block)")
-        out["seed"] = seeds[0]
+        out["hparams"] = hp
+        out["seed"] = int(hp["seed"])
         out["env"] = {m.group(1): m.group(2) for m in _RE["env"].finditer(text)}
-        for k in ("python", "torch", "gpu"):
+        for k in ("python", "torch", "gpu", "tokenizer_sha256", "data_fingerprint"):
             if k not in out["env"]:
                 raise RecordError(f"missing required line 'env: {k}: ...'")
+        fp = re.match(r"[0-9a-f]+\b", out["env"]["data_fingerprint"])
+        if not fp:
+            raise RecordError(f"'env: data_fingerprint: {out['env']['data_fingerprint']}' does "
+                              "not start with a hex digest")
+        out["data_fingerprint"] = fp[0]
+        out["eval_total_ms"] = int(_single("eval_total", text))
         out["val"] = [dict(step=int(m[1]), total=int(m[2]), val_loss=float(m[3]),
                            val_bpb=float(m[4]), train_time_ms=float(m[5]) * 60000.0)
                       for m in _RE["val"].finditer(text)]
@@ -516,6 +593,9 @@ def parse_log(text: str, where: str = "log") -> dict:
         out["score_source"] = score
         out["val_bpb"] = float(finals[score]["val_bpb"])
         out["val_loss"] = float(finals[score]["val_loss"])
+        if not (math.isfinite(out["val_bpb"]) and math.isfinite(out["val_loss"])):
+            raise RecordError(f"final_{score} val_loss:{out['val_loss']} val_bpb:{out['val_bpb']} "
+                              "is not finite (the run diverged)")
         peak = _RE["peak"].search(text)
         out["peak_mem_mib"] = dict(allocated=int(peak[1]), reserved=int(peak[2])) if peak else None
     except RecordError as e:
@@ -705,6 +785,93 @@ def _env_value(runs, key):
     return uniq[0] if len(uniq) == 1 else (uniq or None)
 
 
+def _is_previous_record(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path) and \
+        os.path.isfile(os.path.join(path, "submission.json"))
+
+
+def check_out_dir(out: str, script: str, logs: list[str], force: bool) -> None:
+    """Refuse an output folder whose replacement could destroy anything but a previous record."""
+    real = os.path.realpath(out)
+    for what, p in [("the current directory", os.curdir), ("--script", script)] + \
+            [("log", l) for l in logs]:
+        rp = os.path.realpath(p)
+        if os.path.commonpath([real, rp]) == real:
+            raise RecordError(f"--out {out} is or contains {what} {os.path.abspath(p)}")
+    if not os.path.lexists(out):
+        return
+    if os.path.islink(out):
+        raise RecordError(f"--out {out} is a symbolic link")
+    if not os.path.isdir(out):
+        raise RecordError(f"--out {out} exists and is not a folder")
+    if not os.listdir(out):
+        return
+    if not force:
+        raise RecordError(f"{out} exists and is not empty (use --force to replace a previous "
+                          "record folder)")
+    if not _is_previous_record(out):
+        raise RecordError(f"{out} is not empty and holds no submission.json, so it is not a "
+                          "previous record; --force only replaces record folders")
+
+
+def _replace_dir(new: str, out: str) -> None:
+    """Move folder ``new`` to ``out``; an existing ``out`` is renamed aside first and deleted
+    only once ``new`` is in place (restored if that fails).  ``new`` and ``out`` share a parent."""
+    if not os.path.lexists(out):
+        os.rename(new, out)
+        return
+    aside_dir = tempfile.mkdtemp(prefix=".record-old-", dir=os.path.dirname(os.path.abspath(out)))
+    aside = os.path.join(aside_dir, "old")
+    os.rename(out, aside)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(aside, out)
+        os.rmdir(aside_dir)
+        raise
+    shutil.rmtree(aside_dir, ignore_errors=True)
+
+
+def _json_safe(x, where="", bad=None):
+    """Non-finite floats (in optional lines such as a diverged TTT score) become None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        if bad is not None:
+            bad.append(where)
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v, f"{where}.{k}" if where else str(k), bad) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v, f"{where}[{i}]", bad) for i, v in enumerate(x)]
+    return x
+
+
+def check_runs_consistent(runs: list[dict]) -> None:
+    """Cross-log checks: same tokenizer, data, hyperparameters and score line; eval time."""
+    for label, get in [("tokenizer_sha256", lambda r: r["env"]["tokenizer_sha256"]),
+                       ("data_fingerprint", lambda r: r["data_fingerprint"])]:
+        if len({get(r) for r in runs}) > 1:
+            raise RecordError(f"logs disagree on {label}: " + ", ".join(
+                f"{r['path']}={get(r)[:16]}..." for r in runs))
+    ref = runs[0]["hparams"]
+    differ = set()
+    for r in runs[1:]:
+        for k in set(ref) | set(r["hparams"]):
+            if k not in HPARAMS_MAY_DIFFER and ref.get(k) != r["hparams"].get(k):
+                differ.add(k)
+    if differ:
+        detail = "; ".join(f"{k}: " + ", ".join(f"{r['path']}={r['hparams'].get(k, '<missing>')}"
+                                                  for r in runs) for k in sorted(differ))
+        raise RecordError(f"logs differ in hyperparameters {', '.join(sorted(differ))} ({detail})")
+    for r in runs:
+        if r["eval_total_ms"] > MAX_EVAL_MS:
+            raise RecordError(f"{r['path']}: eval_total {r['eval_total_ms']} ms exceeds the "
+                              f"evaluation limit of {MAX_EVAL_MS} ms")
+    sources = {r["score_source"] for r in runs}
+    if len(sources) > 1:
+        raise RecordError("seeds are scored by different lines (all must use the same one): "
+                          + ", ".join(f"{r['path']}=final_{r['score_source']}" for r in runs))
+
+
 def assemble_record(logs: list[str], name: str, author: str, script: str = "train_gpt.py",
                     github_id: str | None = None, baseline_bpb: list[float] | None = None,
                     baseline_ref: str | None = None, track: str = DEFAULT_TRACK,
@@ -721,12 +888,15 @@ def assemble_record(logs: list[str], name: str, author: str, script: str = "trai
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
         raise RecordError(f"date must be YYYY-MM-DD, got {date!r}")
     out = out or os.path.join("records", f"{date}_{_slug(name)}")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
-        raise RecordError(f"{out} exists and is not empty (use --force to replace it)")
+    check_out_dir(out, script, logs, force)
+    if baseline_bpb is not None:
+        baseline_bpb = [float(x) for x in baseline_bpb]
+        if not all(math.isfinite(x) for x in baseline_bpb):
+            raise RecordError(f"baseline val_bpb values must be finite: {baseline_bpb}")
 
     with open(script, "rb") as f:
         script_bytes = f.read()
-    script_text = script_bytes.decode("utf-8")
+    script_text = script_bytes.decode("utf-8-sig")
     try:  # an already-built wrapper is shipped verbatim
         source = extract_source(script_text)
         wrapper = script_text
@@ -735,7 +905,8 @@ def assemble_record(logs: list[str], name: str, author: str, script: str = "trai
         source = script_text
         wrapper = make_wrapper(source, strip=strip)
     wrapper_bytes = wrapper.encode("utf-8")
-    accepted = {_sha256(wrapper_bytes): len(wrapper_bytes),
+    accepted = {_sha256(script_bytes): len(script_bytes),
+                _sha256(wrapper_bytes): len(wrapper_bytes),
                 _sha256(source.encode("utf-8")): len(source.encode("utf-8"))}
 
     runs = []
@@ -775,6 +946,7 @@ def assemble_record(logs: list[str], name: str, author: str, script: str = "trai
             raise RecordError(f"{r['path']}: training took {b['total_ms']} ms "
                               f"(train {b['train_ms']} + gptq {b['gptq_ms']}), over {MAX_TRAIN_MS}")
         r["log_name"] = f"train_seed{r['seed']}.log"
+    check_runs_consistent(runs)
 
     bpbs = [r["val_bpb"] for r in runs]
     losses = [r["val_loss"] for r in runs]
@@ -814,6 +986,8 @@ def assemble_record(logs: list[str], name: str, author: str, script: str = "trai
         if r["prequant"]:
             sr["pre_quant_val_bpb"] = r["prequant"]["val_bpb"]
         sr["env"] = r["env"]
+        sr["run_id"] = r["run_id"]
+        sr["eval_total_ms"] = r["eval_total_ms"]
         sub["seed_results"][str(r["seed"])] = sr
     if baseline_bpb:
         mb, sb = mean_std(list(baseline_bpb))
@@ -823,6 +997,14 @@ def assemble_record(logs: list[str], name: str, author: str, script: str = "trai
         sub["delta_nats_note"] = "delta_bpb * ln 2: nats per byte, not per token"
         sub.update(welch_ttest_less(bpbs, list(baseline_bpb)))
 
+    bad: list[str] = []
+    sub = _json_safe(sub, bad=bad)
+    if bad:
+        print(f"warning: non-finite values written as null: {', '.join(bad)}", file=sys.stderr)
+    try:
+        sub_text = json.dumps(sub, indent=2, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise RecordError(f"submission.json would not be valid JSON: {e}") from None
     readme = render_readme(sub, runs)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
@@ -832,15 +1014,14 @@ def assemble_record(logs: list[str], name: str, author: str, script: str = "trai
             f.write(wrapper_bytes)
         for r in runs:
             shutil.copyfile(r["path"], os.path.join(tmp, r["log_name"]))
-        with open(os.path.join(tmp, "submission.json"), "w") as f:
-            json.dump(sub, f, indent=2)
-            f.write("\n")
-        with open(os.path.join(tmp, "README.md"), "w") as f:
+        with open(os.path.join(tmp, "submission.json"), "w", encoding="utf-8") as f:
+            f.write(sub_text)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(readme)
         plot_curves(runs, os.path.join(tmp, "train_curves.png"))
-        if os.path.exists(out):
-            shutil.rmtree(out) if os.path.isdir(out) else os.unlink(out)
-        os.rename(tmp, out)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        check_out_dir(out, script, logs, force)  # again: it may have changed meanwhile
+        _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -867,7 +1048,7 @@ def _build_main(argv) -> int:
         ap.error("-o/--out is required unless --check-only")
     try:
         with open(a.script, "rb") as f:
-            src = f.read().decode("utf-8")
+            src = f.read().decode("utf-8-sig")
         rep = build_wrapper(src, strip=a.strip, check=a.xz_check)
     except (OSError, UnicodeDecodeError, WrapperError) as e:
         print(f"build_wrapper: error: {e}; nothing written", file=sys.stderr)
@@ -909,6 +1090,8 @@ def _record_main(argv) -> int:
                 base = [float(x) for x in a.baseline_bpb.split(",") if x.strip()]
             except ValueError:
                 raise RecordError(f"--baseline-bpb must be numbers: {a.baseline_bpb!r}") from None
+            if not base or not all(math.isfinite(x) for x in base):
+                raise RecordError(f"--baseline-bpb must be finite numbers: {a.baseline_bpb!r}")
         out, sub = assemble_record(a.logs, a.name, a.author, script=a.script,
                                    github_id=a.github_id, baseline_bpb=base,
                                    baseline_ref=a.baseline_ref, track=a.track, out=a.out,

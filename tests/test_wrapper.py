@@ -296,21 +296,61 @@ SCRIPT_SRC = "import os\n" + "\n".join(f"def f{i}():\n    return {i} * os.getpid
                                          for i in range(60))
 
 
+TOK_SHA = "1f" * 32
+DATA_FP = "2e" * 32
+
+
+def hparams_lines(seed, run_id, hp=None, eval_only=""):
+    """A Hyperparameters block as train_gpt.py logs it; ``hp`` overrides (None drops a name)."""
+    d = {"data_dir": "./data/", "train_files": "./data/fineweb_train_*.bin",
+         "val_files": "./data/fineweb_val_*.bin", "tokenizer_path": "./data/tok.model",
+         "seed": seed, "run_id": run_id, "rank": 0, "world_size": 8, "local_rank": 0,
+         "eval_only": eval_only, "dump_token_nll": "", "out_dir": f"./out_{run_id}",
+         "train_seq_len": 2048, "num_layers": 11, "matrix_lr": 0.025}
+    d.update(hp or {})
+    return ["Hyperparameters:"] + [f"  {k}: {v}" for k, v in d.items() if v is not None]
+
+
+def env_lines(tok_sha=TOK_SHA, data_fp=DATA_FP):
+    L = []
+    for k, v in [("python", "3.12.3"), ("torch", "2.11.0+cu130"), ("cuda", "13.0"),
+                 ("cudnn", "91002"), ("nccl", "2.27.7"), ("gpu", "NVIDIA H100 80GB HBM3 x8"),
+                 ("attention_backend", "cudnn"), ("compile", "True"), ("git_commit", "abc1234"),
+                 ("tokenizer", "./data/tok.model"), ("tokenizer_sha256", tok_sha),
+                 ("data_fingerprint", f"{data_fp} (train_shards: 80 val_shards: 1)")]:
+        L.append(f"env: {k}: {v}")
+    return L
+
+
+def make_eval_only_log(seed, bpb, loss, *, code_sha, code_size, model_bytes=15_960_000,
+                       run_id="rescore", eval_total_ms=80_000):
+    """An EVAL_ONLY re-score run: no training_budget line, its own final_* lines."""
+    L = [f"run_id: {run_id} started: 2026-11-24T11:00:00+00:00", f"code_sha256: {code_sha}"]
+    L += env_lines()
+    L += hparams_lines(seed, run_id, eval_only="./final_model.int6.ptz")
+    L.append("eval_only: ./final_model.int6.ptz model config from the artifact: {'num_layers': 11}")
+    L.append(f"Serialized model int6+brotli: {model_bytes} bytes")
+    L.append(f"Code size: {code_size} bytes")
+    L.append(f"Total submission size int6+brotli: {model_bytes + code_size} bytes")
+    L.append(f"final_int6_roundtrip val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:7000ms")
+    L.append(f"final_int6_sliding_window val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:70000ms")
+    L.append(f"eval_total: {eval_total_ms}ms")
+    return "\n".join(L) + "\n"
+
+
 def make_log(seed, bpb, loss, *, code_sha, code_size, model_bytes=15_960_000, total_ms=599_526,
-             train_ms=590_026, stop=True, sliding=True, ttt=False, extra=True, steps=5453):
+             train_ms=590_026, stop=True, sliding=True, ttt=False, extra=True, steps=5453,
+             run_id=None, eval_total_ms=95_000, tok_sha=TOK_SHA, data_fp=DATA_FP, hp=None,
+             ttt_bpb="1.33603200"):
     total = model_bytes + code_size
+    run_id = run_id or f"run_seed{seed}"
     L = []
     if extra:
         L.append("W1124 torchrun: OMP_NUM_THREADS set to 1")
+    L.append(f"run_id: {run_id} started: 2026-11-24T10:00:00+00:00")
     L.append(f"code_sha256: {code_sha}")
-    L.append("Hyperparameters:")
-    L.append("  data_dir: ./data/")
-    L.append(f"  seed: {seed}")
-    L.append("  train_seq_len: 2048")
-    for k, v in [("python", "3.12.3"), ("torch", "2.11.0+cu130"), ("cuda", "13.0"),
-                 ("cudnn", "91002"), ("nccl", "2.27.7"), ("gpu", "NVIDIA H100 80GB HBM3 x8"),
-                 ("attention_backend", "cudnn"), ("compile", "True"), ("git_commit", "abc1234")]:
-        L.append(f"env: {k}: {v}")
+    L += env_lines(tok_sha, data_fp)
+    L += hparams_lines(seed, run_id, hp)
     L.append("0/20000 val_loss: 8.3187 val_bpb: 3.6150 train_time: 0.00m")
     for step, tl, tm in [(1, 8.319, 0.01), (2, 12.15, 0.02), (500, 3.1234 + seed * 1e-5, 0.83),
                          (1000, 2.9, 1.66), (4000, 2.7, 6.64)]:
@@ -337,7 +377,8 @@ def make_log(seed, bpb, loss, *, code_sha, code_size, model_bytes=15_960_000, to
         L.append(f"final_int6_sliding_window val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
                  "eval_time:76195ms")
     if ttt:
-        L.append("final_int6_ttt val_loss:3.07000000 val_bpb:1.33603200 eval_time:405410ms")
+        L.append(f"final_int6_ttt val_loss:3.07000000 val_bpb:{ttt_bpb} eval_time:405410ms")
+    L.append(f"eval_total: {eval_total_ms}ms")
     return "\n".join(L) + "\n"
 
 
@@ -425,15 +466,15 @@ def test_record_assembly(rec):
 
 
 def test_record_roundtrip_fallback_and_no_stop(rec):
-    logs = rec.write_logs({1: dict(sliding=False), 2: dict(stop=False, steps=20000)})
+    logs = rec.write_logs({0: dict(sliding=False), 1: dict(sliding=False),
+                           2: dict(sliding=False, stop=False, steps=20000)})
     assert rec.run(logs) == 0
     sub = json.loads((rec.out / "submission.json").read_text())
     r314 = sub["seed_results"]["314"]
     assert r314["score_line"] == "final_int6_roundtrip"
     assert r314["val_bpb"] == pytest.approx(rec.bpbs[1] + 0.0186, abs=1e-8)
     assert sub["seed_results"]["999"]["steps"] == 20000
-    assert sub["val_bpb"] == pytest.approx(np.mean([rec.bpbs[0], rec.bpbs[1] + 0.0186,
-                                                    rec.bpbs[2]]), abs=1e-12)
+    assert sub["val_bpb"] == pytest.approx(np.mean(rec.bpbs) + 0.0186, abs=1e-8)
 
 
 def test_record_accepts_source_hash_and_prebuilt_wrapper(rec):
@@ -547,3 +588,256 @@ def test_import_has_no_side_effects(tmp_path):
                         "print('matplotlib' in sys.modules)"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "False" and r.stderr == ""
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+def _assert_refused(rec, capsys, logs, msg, *extra):
+    assert rec.run(logs, *extra) == 1
+    err = capsys.readouterr().err
+    assert msg in err and "nothing written" in err, err
+    assert not rec.out.exists()
+    return err
+
+
+def test_parse_log_new_fields(rec):
+    text = make_log(7, 1.1, 2.5, code_sha=rec.sha, code_size=123, eval_total_ms=91_234,
+                    run_id="abc")
+    r = bw.parse_log(text)
+    assert r["run_id"] == "abc" and r["eval_total_ms"] == 91_234 and r["ignored_runs"] == 0
+    assert r["env"]["tokenizer_sha256"] == TOK_SHA and r["data_fingerprint"] == DATA_FP
+    assert r["hparams"]["seed"] == "7" and r["hparams"]["num_layers"] == "11"
+    assert r["hparams"]["eval_only"] == "" and r["hparams"]["dump_token_nll"] == ""
+    for gone, msg in [("eval_total: ", "eval_total"), ("env: tokenizer_sha256", "tokenizer_sha256"),
+                      ("env: data_fingerprint", "data_fingerprint"),
+                      ("Hyperparameters:", "Hyperparameters")]:
+        with pytest.raises(bw.RecordError, match=msg):
+            bw.parse_log(text.replace(gone, "x" + gone))
+
+
+def test_split_runs():
+    text = "pre\nrun_id: a started: t\nx\nrun_id: b started: t\ny\n"
+    assert bw.split_runs(text) == ["pre\nrun_id: a started: t\nx\n", "run_id: b started: t\ny\n"]
+    assert bw.split_runs("no ids\n") == ["no ids\n"]
+    # an indented source-dump line is not a run start
+    assert len(bw.split_runs("run_id: a\n    log(f'run_id: {x}')\n")) == 1
+
+
+def test_log_with_eval_only_runs_uses_the_training_run(rec):
+    logs = rec.write_logs()
+    p = Path(logs[1])
+    train = p.read_text()
+    # re-score runs before and after the training run, with other seeds and scores
+    before = make_eval_only_log(777, 1.5, 3.5, code_sha=rec.sha, code_size=rec.size, run_id="r0")
+    after = make_eval_only_log(778, 1.7, 3.9, code_sha=rec.sha, code_size=rec.size, run_id="r1",
+                               eval_total_ms=700_000)  # not the training run's: not checked
+    p.write_text(before + train + after)
+    assert rec.run(logs) == 0
+    sub = json.loads((rec.out / "submission.json").read_text())
+    assert sub["seeds"] == rec.seeds
+    s = sub["seed_results"]["314"]
+    assert s["val_bpb"] == rec.bpbs[1] and s["val_loss"] == rec.losses[1]
+    assert s["run_id"] == "run_seed314" and s["eval_total_ms"] == 95_000
+    assert (rec.out / "train_seed314.log").read_text() == before + train + after
+
+
+def test_log_with_two_training_runs_refused(rec, capsys):
+    logs = rec.write_logs()
+    p = Path(logs[0])
+    p.write_text(p.read_text() + make_log(42, 1.2, 2.7, code_sha=rec.sha, code_size=rec.size,
+                                          run_id="again", extra=False))
+    err = _assert_refused(rec, capsys, logs, "give one training run per log")
+    assert "run_seed42" in err and "again" in err
+
+
+def test_log_with_only_eval_only_run_refused(rec, capsys):
+    logs = rec.write_logs()
+    Path(logs[2]).write_text(make_eval_only_log(999, 1.0, 2.4, code_sha=rec.sha,
+                                                code_size=rec.size))
+    _assert_refused(rec, capsys, logs, "training_budget")
+
+
+@pytest.mark.parametrize("which", ["bpb", "loss", "inf"])
+def test_non_finite_score_refused(rec, capsys, which):
+    logs = rec.write_logs()
+    p = Path(logs[1])
+    t = p.read_text()
+    line = next(l for l in t.split("\n") if l.startswith("final_int6_sliding_window"))
+    bad = {"bpb": line.replace(f"val_bpb:{rec.bpbs[1]:.8f}", "val_bpb:nan"),
+           "loss": line.replace(f"val_loss:{rec.losses[1]:.8f}", "val_loss:nan"),
+           "inf": line.replace(f"val_bpb:{rec.bpbs[1]:.8f}", "val_bpb:inf")}[which]
+    assert bad != line
+    p.write_text(t.replace(line, bad))
+    _assert_refused(rec, capsys, logs, "not finite")
+
+
+@pytest.mark.parametrize("base", ["nan,1.1,1.2", "1.1,inf", "-inf"])
+def test_non_finite_baseline_refused(rec, capsys, base):
+    logs = rec.write_logs()
+    assert bw.main(["record", "--logs", *logs, "--name", "n", "--author", "a", "--script",
+                    str(rec.script), f"--baseline-bpb={base}", "--out", str(rec.out)]) == 1
+    assert "finite" in capsys.readouterr().err and not rec.out.exists()
+    with pytest.raises(bw.RecordError, match="finite"):
+        bw.assemble_record(logs, "n", "a", script=str(rec.script), out=str(rec.out),
+                           baseline_bpb=[1.1, float(base.split(",")[-1])] if "inf" in base
+                           else [float("nan"), 1.1])
+    assert not rec.out.exists()
+
+
+def test_non_finite_optional_line_is_null_in_strict_json(rec):
+    logs = rec.write_logs({0: dict(ttt=True, ttt_bpb="nan")})
+    assert rec.run(logs) == 0
+    text = (rec.out / "submission.json").read_text()
+
+    def no_constants(c):
+        raise AssertionError(f"non-standard JSON constant {c}")
+    sub = json.loads(text, parse_constant=no_constants)
+    assert sub["seed_results"]["42"]["final_int6_ttt"]["val_bpb"] is None
+    assert sub["seed_results"]["42"]["val_bpb"] == rec.bpbs[0]
+
+
+def _tree(path):
+    return sorted((str(p.relative_to(path)), p.read_bytes() if p.is_file() else None)
+                  for p in Path(path).rglob("*"))
+
+
+@pytest.mark.parametrize("target", ["cwd", "cwd_parent", "script_dir", "log_dir", "log_file"])
+def test_force_refuses_out_holding_inputs(rec, capsys, monkeypatch, target):
+    logdir = rec.tmp / "runlogs"
+    logdir.mkdir()
+    logs = []
+    for p in rec.write_logs():
+        q = logdir / Path(p).name
+        Path(p).rename(q)
+        logs.append(str(q))
+    (rec.tmp / "submission.json").write_text("{}")  # looks like a record: still refused
+    (logdir / "submission.json").write_text("{}")
+    work = rec.tmp / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("work in progress")
+    monkeypatch.chdir(work)
+    out = {"cwd": ".", "cwd_parent": "..", "script_dir": str(rec.tmp), "log_dir": str(logdir),
+           "log_file": logs[0]}[target]
+    before = _tree(rec.tmp)
+    assert bw.main(["record", "--logs", *logs, "--name", "n", "--author", "a", "--script",
+                    str(rec.script), "--out", out, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert "is or contains" in err and "nothing written" in err
+    assert _tree(rec.tmp) == before
+
+
+def test_force_only_replaces_a_previous_record(rec, capsys):
+    logs = rec.write_logs()
+    rec.out.mkdir(parents=True)
+    (rec.out / "precious.txt").write_text("x")
+    assert rec.run(logs, "--force") == 1
+    assert "not a previous record" in capsys.readouterr().err
+    assert sorted(p.name for p in rec.out.iterdir()) == ["precious.txt"]
+    # a file is never replaced
+    (rec.out / "precious.txt").unlink()
+    rec.out.rmdir()
+    rec.out.write_text("file")
+    assert rec.run(logs, "--force") == 1
+    assert rec.out.read_text() == "file"
+    rec.out.unlink()
+    # a previous record is replaced, leaving nothing aside
+    assert rec.run(logs) == 0
+    (rec.out / "old_extra.txt").write_text("old")
+    assert rec.run(logs, "--force") == 0
+    assert "old_extra.txt" not in {p.name for p in rec.out.iterdir()}
+    assert (rec.out / "submission.json").exists()
+    assert sorted(p.name for p in rec.out.parent.iterdir()) == [rec.out.name]
+
+
+def test_force_restores_old_record_when_rename_fails(rec, monkeypatch):
+    logs = rec.write_logs()
+    assert rec.run(logs) == 0
+    (rec.out / "marker.txt").write_text("old")
+    old = _tree(rec.out)
+    real_rename = os.rename
+    calls = []
+
+    def rename(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:  # the new folder into place
+            raise OSError("simulated failure")
+        return real_rename(a, b)
+    monkeypatch.setattr(bw.os, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        bw.assemble_record(logs, "n", "a", script=str(rec.script), out=str(rec.out), force=True)
+    monkeypatch.undo()
+    assert len(calls) >= 2
+    assert _tree(rec.out) == old
+    assert sorted(p.name for p in rec.out.parent.iterdir()) == [rec.out.name]
+
+
+def test_record_folder_mode_and_utf8_readme(rec, monkeypatch):
+    import builtins
+    real_open = builtins.open
+
+    def strict_open(file, mode="r", *a, **kw):  # text-mode opens must name their encoding
+        if "b" not in mode:
+            assert kw.get("encoding") or (len(a) >= 2 and a[1]), (file, mode)
+        return real_open(file, mode, *a, **kw)
+    monkeypatch.setattr(bw, "open", strict_open, raising=False)
+    logs = rec.write_logs()
+    bw.assemble_record(logs, "Ünïcode → record ✓", "Zoë", script=str(rec.script),
+                       out=str(rec.out))
+    monkeypatch.undo()
+    assert (rec.out / "README.md").read_text(encoding="utf-8").startswith("# Ünïcode → record ✓")
+    assert json.loads((rec.out / "submission.json").read_text(encoding="utf-8"))["author"] == "Zoë"
+    assert (rec.out.stat().st_mode & 0o777) == 0o755
+
+
+@pytest.mark.parametrize("case,ov,msg", [
+    ("tokenizer", {2: dict(tok_sha="3d" * 32)}, "tokenizer_sha256"),
+    ("data", {1: dict(data_fp="4c" * 32)}, "data_fingerprint"),
+    ("hparams", {1: dict(hp={"num_layers": 12, "train_files": "./other/*.bin"})},
+     "hyperparameters num_layers, train_files"),
+    ("hparam_missing", {2: dict(hp={"matrix_lr": None})}, "hyperparameters matrix_lr"),
+    ("world_size", {0: dict(hp={"world_size": 4})}, "hyperparameters world_size"),
+    ("eval_time", {1: dict(eval_total_ms=600_001)}, "eval_total 600001 ms exceeds"),
+    ("mixed_score", {2: dict(sliding=False)}, "scored by different lines"),
+])
+def test_cross_log_refusals(rec, capsys, case, ov, msg):
+    _assert_refused(rec, capsys, rec.write_logs(ov), msg)
+
+
+def test_cross_log_allowed_differences(rec):
+    ov = {i: dict(hp={"rank": 0, "local_rank": i, "out_dir": f"/o{i}", "dump_token_nll": f"d{i}",
+                      "run_id": f"id{i}"}, eval_total_ms=600_000 - i) for i in range(3)}
+    ov[1]["data_fp"] = DATA_FP  # same hex, other shard text is not compared
+    assert rec.run(rec.write_logs(ov)) == 0
+    assert sorted(bw.HPARAMS_MAY_DIFFER) == sorted(
+        ["seed", "run_id", "rank", "local_rank", "out_dir", "dump_token_nll"])
+
+
+ODD_SRC = ('x = "a\x0cb\x1cc\x1dd\x1ee\x85f\u2028g\u2029h\x0bi"  # c\u2028omment\n'
+           '\x0cdef f():\n    """doc \u2028 with sep"""\n    return "\u2028"  # tail \x85\n'
+           'y = """multi\x0c\nline\u2028\n"""\n')
+
+
+def test_strip_only_splits_on_newline():
+    s = bw.strip_source(ODD_SRC)
+    ns_a, ns_b = {}, {}
+    exec(ODD_SRC, ns_a)
+    exec(s, ns_b)
+    assert (ns_b["x"], ns_b["y"], ns_b["f"]()) == (ns_a["x"], ns_a["y"], ns_a["f"]())
+    assert "omment" not in s and "doc" not in s and "tail" not in s
+    assert bw._split_lines("a\u2028b\x0cc\nd\n") == ["a\u2028b\x0cc\n", "d\n"]
+    assert bw._split_lines("a\n\nb") == ["a\n", "\n", "b"] and bw._split_lines("") == []
+
+
+def test_bom_source_is_decoded(tmp_path, rec):
+    src = tmp_path / "bom.py"
+    src.write_bytes(b"\xef\xbb\xbf" + "print('hi')  # c\n".encode())
+    out = tmp_path / "w.py"
+    assert bw.main([str(src), "-o", str(out), "--strip"]) == 0
+    assert bw.extract_source(out.read_text()) == "print('hi')\n"
+    r = run_py(out)
+    assert r.returncode == 0 and r.stdout == "hi\n", r.stderr
+    # record: a BOM script is wrapped without the BOM; logs may name the file's own hash
+    rec.script.write_bytes(b"\xef\xbb\xbf" + SCRIPT_SRC.encode())
+    logs = rec.write_logs()
+    assert rec.run(logs) == 0
+    assert (rec.out / "train_gpt.py").read_text() == rec.wrapper
