@@ -42,7 +42,7 @@ def _run(script: Path, data_dir, vocab, out_dir: Path, run_id: str) -> str:
                NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", TRAIN_SEQ_LEN="64",
                EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="3",
                MAX_WALLCLOCK_SECONDS="0", RECUR_LAYERS="", PARALLEL_START_LAYER="0", VE_LAYERS="",
-               VAL_LOSS_EVERY="0", OUT_DIR=str(out_dir), RUN_ID=run_id)
+               VAL_LOSS_EVERY="0", OUT_DIR=str(out_dir), RUN_ID=run_id, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     out_dir.mkdir(parents=True, exist_ok=True)
     r = subprocess.run([sys.executable, str(script)], env=env, cwd=str(out_dir),
                        capture_output=True, text=True, timeout=600)
