@@ -536,7 +536,7 @@ def flops_per_token(model: GPT, recur: bool, seq_len: int) -> float:
     """Training FLOPs per token: 6 x the weights it multiplies through (recurrent passes counted, the tied head
     included) + 6 x layers x seq_len x d for causal attention."""
     order = model.recur_order if recur else range(len(model.blocks))
-    mats = sum(p.numel() for l in order for p in model.blocks[l].parameters() if p.ndim == 2)
+    mats = sum(m.weight.numel() for l in order for m in model.blocks[l].modules() if isinstance(m, nn.Linear))
     return 6 * (mats + model.tok_emb.weight.numel()) + 6 * len(order) * seq_len * model.cfg.model_dim
 
 
