@@ -94,7 +94,6 @@ class Hyperparameters:
         hp.validate()
         return hp
 
-    # derived values
     @property
     def recur(self) -> tuple:
         return int_list(self.recur_layers, "RECUR_LAYERS")
@@ -166,7 +165,6 @@ def int_list(text: str, name: str) -> tuple:
         return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
     except ValueError:
         raise ConfigError(f"{name}={text!r} must be a comma-separated list of layer indices") from None
-
 
 # ============================================================================ data
 
@@ -274,7 +272,6 @@ def load_val_tokens(paths, seq_len: int) -> np.ndarray:
         raise ShardError(f"validation has {len(tokens)} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
     return np.ascontiguousarray(tokens[:usable + 1])
 
-
 # ============================================================================ tokenizer byte accounting
 
 def build_byte_luts(sp, vocab_size: int) -> tuple:
@@ -301,7 +298,6 @@ def build_byte_luts(sp, vocab_size: int) -> tuple:
 def count_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts) -> torch.Tensor:
     base, space, boundary = luts
     return base[tgt].long() + (space[tgt] & ~boundary[prev]).long()
-
 
 # ============================================================================ model
 
@@ -360,8 +356,7 @@ except ImportError:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, xsa: bool):
         super().__init__()
-        d, self.h, self.hkv = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads
-        self.hd = d // self.h
+        d, self.h, self.hkv, self.hd = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads
         self.c_q = nn.Linear(d, d, bias=False)
         self.c_k = nn.Linear(d, self.hkv * self.hd, bias=False)
         self.c_v = nn.Linear(d, self.hkv * self.hd, bias=False)
@@ -515,22 +510,25 @@ class GPT(nn.Module):
         return self.lane_merge * a + (1 - self.lane_merge) * m
 
     def logits(self, h):
-        """Tied head with tanh softcap, fp32."""
+        """Tied head with the softcap c*tanh(z/c), fp32, written as 2c*sigmoid(2z/c) = c*tanh(z/c) + c: softmax
+        ignores the constant, and sigmoid is ~6x cheaper than tanh on CPU, where eval is bound by the head."""
         z, c = F.linear(h, self.tok_emb.weight).float(), self.cfg.logit_softcap
         if torch.is_grad_enabled():
-            return c * torch.tanh(z / c)
-        return z.div_(c).tanh_().mul_(c)  # in place: CPU eval is bound by passes over the logits
+            return 2 * c * torch.sigmoid(z * (2 / c))
+        return z.mul_(2 / c).sigmoid_().mul_(2 * c)
 
     def forward(self, ids, targets):
         """Mean next-token cross-entropy (nats)."""
         logits = self.logits(self.hidden(ids))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def forward_nll(self, ids, targets, start: int = 0):
-        """Per-position NLL of targets[:, start:] (positions before start only give context)."""
-        logits = self.logits(self.hidden(ids)[:, start:])
-        return F.cross_entropy(logits.flatten(0, 1), targets[:, start:].flatten(), reduction="none").view_as(
-            targets[:, start:])
+    def forward_nll(self, ids, targets, start: int = 0, rows: int = 0):
+        """Per-position NLL of targets[:, start:] (positions before start only give context). The head runs on
+        `rows` positions at a time (0: all), so CPU logits stay in cache."""
+        h, y = self.hidden(ids)[:, start:].flatten(0, 1), targets[:, start:].flatten()
+        rows = rows or len(y)
+        return torch.cat([F.cross_entropy(self.logits(h[i:i + rows]), y[i:i + rows], reduction="none")
+                          for i in range(0, len(y), rows)]).view_as(targets[:, start:])
 
 def flops_per_token(model: GPT, recur: bool, seq_len: int) -> float:
     """Training FLOPs per token: 6 x the weights it multiplies through (recurrent passes counted, the tied head
@@ -538,7 +536,6 @@ def flops_per_token(model: GPT, recur: bool, seq_len: int) -> float:
     order = model.recur_order if recur else range(len(model.blocks))
     mats = sum(m.weight.numel() for l in order for m in model.blocks[l].modules() if isinstance(m, nn.Linear))
     return 6 * (mats + model.tok_emb.weight.numel()) + 6 * len(order) * seq_len * model.cfg.model_dim
-
 
 # ============================================================================ optimizer
 
@@ -646,15 +643,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self):
-        d = self.current_decay()
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.current_decay())
         self.t += 1
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
 
     @torch.no_grad()
     def apply_to(self, model: nn.Module):
         for p, s in zip(model.parameters(), self.shadow):
             p.copy_(s.to(p.dtype))
-
 
 # ============================================================================ training loop
 
@@ -675,7 +670,7 @@ class AgreedClock:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         out = torch.empty(1, dtype=torch.float64, pin_memory=cuda).copy_(t, non_blocking=cuda)
         ev = torch.cuda.Event() if cuda else None
-        if ev is not None:
+        if cuda:
             ev.record()
         self.pending.append((step, out, ev))
         while len(self.pending) > self.lag:
@@ -755,6 +750,8 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
     clock = AgreedClock(device, hp.world_size)
     flops = {r: flops_per_token(base, r, hp.train_seq_len) for r in (False, True)}
     step, stop, train_ms, total_flops = 0, False, 0.0, 0.0
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiles, g0 = 0, graphs()  # graphs compiled inside the timed loop (paused validation excluded)
     tokens_per_step, iters = hp.train_batch_tokens, hp.iterations
     sync(device)
     t0 = time.perf_counter()
@@ -764,12 +761,13 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
         if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
             sync(device)
             train_ms += 1000 * (time.perf_counter() - t0)
+            compiles += graphs() - g0
             if stop:
                 log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{iters}")
             r = val_fn(base)
             log(f"{step}/{iters} val_loss: {r['loss']:.4f} val_bpb: {r['bpb']:.4f} train_time: {train_ms / 60000:.2f}m")
             sync(device)
-            t0 = time.perf_counter()
+            g0, t0 = graphs(), time.perf_counter()
         if last:
             break
         frac = clock.estimate(step) / cap_ms if cap_ms else step / iters
@@ -797,11 +795,13 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
     tok_s = step * tokens_per_step / max(train_ms / 1000, 1e-9)
     peak = peak_flops(device) * hp.world_size
     mfu = f"{100 * total_flops / (train_ms / 1000) / peak:.1f}%" if peak else "n/a"
-    log(f"train_summary: steps: {step} train_time: {train_ms:.0f}ms tok/s: {tok_s:.0f} mfu: {mfu}")
+    log(f"train_summary: steps: {step} train_time: {train_ms:.0f}ms tok/s: {tok_s:.0f} mfu: {mfu} "
+        f"timed_compiles: {compiles}")
+    if compiles:
+        log(f"WARNING: {compiles} graph(s) compiled inside the timed loop; see TORCH_LOGS=recompiles")
     log("ema:applying EMA weights")
     ema.apply_to(base)
     return dict(steps=step, train_ms=train_ms)
-
 
 # ============================================================================ quantize / pack
 
@@ -931,11 +931,9 @@ def quantize_model(model: GPT, hessians: dict, use_gptq: bool, rank: int, world:
             dist.broadcast(entries[n]["scale"], src=owner[n])
     return entries
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()[:, None]
-
 def dequantize_entries(entries: dict) -> dict:
-    return {n: e["data"].float() if e["kind"] == "fp16" else dequantize(e["q"], e["scale"]) for n, e in entries.items()}
+    return {n: e["data"].float() if e["kind"] == "fp16" else e["q"].float() * e["scale"].float()[:, None]
+            for n, e in entries.items()}
 
 STREAMS = ("int6", "int8", "scale", "fp16")  # body sections, in order
 
@@ -1048,7 +1046,6 @@ def check_roundtrip(packed: dict, loaded: dict):
     if pack_artifact(packed, ModelConfig()) != pack_artifact(loaded, ModelConfig()):
         raise RuntimeError("artifact roundtrip: the unpacked tensors differ from the quantizer output")
 
-
 # ============================================================================ evaluation
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list:
@@ -1076,13 +1073,14 @@ class Evaluator:
         # cap a batch's fp32 logits (1 GiB on GPU, 32 MiB on CPU), whatever VAL_BATCH_TOKENS says
         cap = (1 << 28 if device.type == "cuda" else 1 << 23) // (self.L * len(luts[0]))
         self.batch = max(1, min(batch_tokens // (seq_len * world), cap))
+        self.rows = 0 if device.type == "cuda" else max(1, (1 << 21) // len(luts[0]))  # CPU head: 8 MiB logits
         self.luts = tuple(t.to(device) for t in luts)
         self.compile_fn, self._scorers = compile_fn, {}
 
     def windows(self, idx, length=None):
         """(x, y): `length` (default L) inputs starting at each of idx (b,), and the targets one token on."""
         seq = self.tok[idx[:, None] + torch.arange((length or self.L) + 1, device=self.device)]
-        return seq[:, :-1], seq[:, 1:]
+        return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()  # padded or not, one stride: no recompile
 
     def batches(self, wins):
         """This rank's contiguous share of `wins` as (starts, first_scored) batches of equal first_scored."""
@@ -1106,7 +1104,7 @@ class Evaluator:
             pad = self.batch - len(starts) if self.compile_fn else 0  # keep compiled shapes static
             xp, yp = (torch.cat([x, x[-1:].expand(pad, -1)]), torch.cat([y, y[-1:].expand(pad, -1)])) if pad else (x, y)
             with torch.no_grad(), autocast_ctx(self.device):
-                nll = self._scorers[id(model)](xp, yp, s0)[:len(starts)].float()
+                nll = self._scorers[id(model)](xp, yp, s0, self.rows)[:len(starts)].float()
         totals[0] += nll.double().sum()  # device-side sums: no host sync per batch
         totals[1] += nll.numel()
         totals[2] += count_bytes(x[:, s0:], y[:, s0:], self.luts).sum()
@@ -1202,7 +1200,6 @@ def slot_nll(model, x, y, s0: int, steps: int, lr: float, device):
         logits = model.logits(h[:, s0:] + delta)
     return F.cross_entropy(logits.transpose(1, 2), y[:, s0:], reduction="none")
 
-
 # ============================================================================ main
 
 def preflight(hp: Hyperparameters) -> dict:
@@ -1284,7 +1281,7 @@ def init_runtime(hp: Hyperparameters) -> torch.device:
         torch.set_float32_matmul_precision("high")
     if hp.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    torch._dynamo.config.cache_size_limit = 32
+    torch._dynamo.config.cache_size_limit = 32  # eval graphs per model x recurrence x offset; fullgraph: hard limit
     torch._dynamo.config.optimize_ddp = False
     return device
 
@@ -1390,7 +1387,10 @@ def main(env=None) -> int:
         hp = Hyperparameters.from_env(env)
         if hp.smoke:
             ensure_smoke_data(hp)
-        return run(hp, preflight(hp))
+        rc = run(hp, preflight(hp))
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while a peer still finishes (gloo aborted 1 run in ~15)
+        return rc
     except ConfigError as e:
         if int(env.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)

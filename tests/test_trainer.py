@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as t
 from conftest import ROOT, TINY_VOCAB, log_value, run_train, sample_texts, tiny_env
@@ -211,6 +212,31 @@ def test_forward_shapes_and_initial_loss():
     assert m.forward_nll(x, x, 10).shape == (2, 6)
 
 
+def test_softcap_head_is_tanh_shifted_and_row_chunks_change_nothing():
+    """logits() = 2c*sigmoid(2z/c) = c*tanh(z/c) + c (cheaper on CPU): the same softmax, so the same loss; and
+    forward_nll's row chunking (CPU eval) gives the unchunked values (up to matmul rounding)."""
+    torch.manual_seed(0)
+    m = t.GPT(small_cfg(logit_softcap=7.0))
+    with torch.no_grad():
+        m.tok_emb.weight.normal_(0, 4.0)  # |z| up to ~100: the cap saturates
+    h, y = torch.randn(3, 12, 32), torch.randint(0, 64, (3, 12))
+    z, c = F.linear(h, m.tok_emb.weight), 7.0
+    ref = c * torch.tanh(z / c)
+    assert z.abs().max() > 5 * c
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert torch.allclose(m.logits(h) - c, ref, atol=2e-5)
+    nll_ref = F.cross_entropy(ref.flatten(0, 1), y.flatten(), reduction="none").view(3, 12)
+    x = torch.randint(0, 64, (3, 12))
+    with torch.no_grad():
+        full = m.forward_nll(x, y, 4)
+        m.hidden = lambda ids: h
+        assert torch.allclose(m.forward_nll(x, y, 0), nll_ref, atol=1e-5)
+        for rows in (1, 5, 24, 100):
+            assert torch.allclose(m.forward_nll(x, y, 4, rows), m.forward_nll(x, y, 4), atol=1e-5)
+    assert full.shape == (3, 8)
+
+
 def test_recurrence_changes_virtual_layers_and_output():
     torch.manual_seed(0)
     m = t.GPT(small_cfg())
@@ -400,6 +426,36 @@ sys.exit(t.main())
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert not torch.equal(a["blocks.0.mlp.proj.weight"], torch.zeros_like(a["blocks.0.mlp.proj.weight"]))
+
+
+@pytest.mark.parametrize("warmup", [4, 1])
+def test_compiled_path_traces_fullgraph_and_compiles_nothing_timed(tmp_path, tiny_data_dir, warmup):
+    """COMPILE=1 through dynamo with the eager backend: the tracing, guards and recompiles of a GPU run, without
+    codegen. fullgraph raises on any graph break, the evals (plain, sliding, TTT) stay under the recompile limit,
+    and with a warmup covering both recurrence states nothing compiles inside the timed loop. A 1-step warmup
+    compiles only the recurrent graph, so the loop must compile the other one and say so (the counter works)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+real = torch.compile
+torch.compile = lambda fn, **kw: real(fn, **{{**kw, "backend": "eager"}})
+import train_gpt as t
+rc = t.main()
+print("unique_graphs:", torch._dynamo.utils.counters["stats"]["unique_graphs"])
+sys.exit(rc)
+""")
+    env = tiny_env(tiny_data_dir, tmp_path / "out", COMPILE=1, WARMUP_STEPS=warmup, ITERATIONS=6, VAL_LOSS_EVERY=3,
+                   TTT_ENABLED=1, TTT_CHUNK_TOKENS=4096, TTT_BATCH_SEQS=8, TTT_FREEZE_BLOCKS=1)
+    r = run_train(env, sys.executable, str(worker), timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "env: compile: True" in r.stdout and "final_int6_ttt" in r.stdout
+    assert log_value(r.stdout, "unique_graphs:", "unique_graphs:") >= 6  # train x2, muon, evals
+    timed = log_value(r.stdout, "train_summary:", "timed_compiles:")
+    if warmup > 1:
+        assert timed == 0 and "WARNING" not in r.stdout
+    else:
+        assert timed >= 1 and "graph(s) compiled inside the timed loop" in r.stdout
 
 
 # ---------------------------------------------------------------------------- pre-flight
