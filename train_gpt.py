@@ -1070,7 +1070,7 @@ class Evaluator:
         self.tok = torch.from_numpy(tokens.astype(np.int64)).to(device)
         self.n = len(tokens) - 1
         self.L, self.device, self.rank, self.world = min(seq_len, self.n), device, rank, world
-        # cap a batch's fp32 logits (1 GiB on GPU, 32 MiB on CPU), whatever VAL_BATCH_TOKENS says
+        # batch cap, whatever VAL_BATCH_TOKENS says: 1 GiB of fp32 logits on GPU, 32 MiB worth on CPU (row-chunked)
         cap = (1 << 28 if device.type == "cuda" else 1 << 23) // (self.L * len(luts[0]))
         self.batch = max(1, min(batch_tokens // (seq_len * world), cap))
         self.rows = 0 if device.type == "cuda" else max(1, (1 << 21) // len(luts[0]))  # CPU head: 8 MiB logits
