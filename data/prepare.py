@@ -3,10 +3,12 @@
 
 Subcommands (``python data/prepare.py SUBCOMMAND --help`` for options):
 
-``download``  fetch the published FineWeb shards and tokenizer from the Hugging Face hub
-              (``--variant sp4096`` from ``kevclark/parameter-golf``, ``sp1024`` from
-              ``willdepueoai/parameter-golf``). All val shards and the first ``--train-shards``
-              train shards. Resumable: a local file that verifies is not fetched again.
+``download``  fetch the published FineWeb shards and tokenizer from the Hugging Face hub, as upstream's
+              ``data/cached_challenge_fineweb.py`` does, with its flags and env vars (``--variant sp4096``
+              from ``kevclark/parameter-golf``, ``sp1024`` from ``willdepueoai/parameter-golf``). All val
+              shards and the first ``--train-shards`` train shards; counts and tokenizer files come from the
+              repo's ``datasets/manifest.json``. Every file is verified before it is put in place; a file
+              already in place that verifies is not fetched again, so a rerun continues where one stopped.
 ``build``     tokenize a JSONL corpus (one ``{"text": ...}`` per line, optionally ``.xz``) into shards,
               training a SentencePiece BPE tokenizer with the challenge settings unless ``--tokenizer``
               is given.
@@ -20,6 +22,7 @@ Layout written under DATA_DIR (same as upstream)::
     DATA_DIR/datasets/fineweb10B_sp{V}/fineweb_train_000000.bin ...
     DATA_DIR/datasets/fineweb10B_sp{V}/manifest.json                 (build/sample only)
     DATA_DIR/tokenizers/fineweb_{V}_bpe.model  (+ .vocab)
+    DATA_DIR/manifest.json                                           (download: the hub's manifest)
 
 Shard format: 256 little-endian int32 header (magic 20240520, version 1, token count N, rest 0) then N
 little-endian uint16 tokens. Each document is ``[BOS=1] + sp.encode(text)``, no EOS; documents are
@@ -76,12 +79,14 @@ DEFAULT_TOKENIZER_TRAIN_DOCS = 5_000_000
 DEFAULT_TRAIN_SHARDS = 80
 MAX_VOCAB = 1 << 16             # tokens are stored as uint16
 
-VARIANTS = {  # variant -> (default hub dataset repo, vocab size)
-    "sp4096": ("kevclark/parameter-golf", 4096),
-    "sp1024": ("willdepueoai/parameter-golf", 1024),
-}
-# In-repo roots tried, in order, when the hub file listing is unavailable.
-REMOTE_PREFIXES = ("datasets/", "")
+# Published data (upstream's data/cached_challenge_fineweb.py): hub dataset repos, and the folder in them that
+# holds manifest.json, datasets/ and tokenizers/. The env vars are upstream's, with upstream's meaning.
+UPSTREAM_REPO = "willdepueoai/parameter-golf"          # upstream's default, for every variant
+VARIANT_REPOS = {"sp4096": "kevclark/parameter-golf"}  # published elsewhere: the default for that variant here
+REPO_ENV = "MATCHED_FINEWEB_REPO_ID"
+REMOTE_ROOT_ENV = "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX"
+DEFAULT_REMOTE_ROOT = "datasets"
+DOCS_FILES = ("docs_selected.jsonl", "docs_selected.source_manifest.json")  # --with-docs
 
 # Challenge tokenizer settings (reference spec section 1.2).
 TOKENIZER_SETTINGS = dict(
@@ -583,7 +588,11 @@ def sample(out, *, workers: int | None = None, force: bool = False, progress: bo
 
 # ----------------------------------------------------------------------------- download
 def hf_fetch(repo_id: str, remote_path: str, dest_dir) -> Path:
-    """Default fetcher: download one file of a hub dataset repo into dest_dir; return its local path."""
+    """Default fetcher: download one file of a hub dataset repo under dest_dir; return the path the hub gives.
+
+    huggingface_hub >= 0.23 writes a regular file there; from 0.23 it also resumes an interrupted file from
+    dest_dir/.cache, recent versions (2.4) restart it. Older versions return files over 5 MB as relative
+    symlinks into the hub cache; download() resolves them."""
     from huggingface_hub import hf_hub_download
     return Path(hf_hub_download(repo_id=repo_id, filename=remote_path, repo_type="dataset", local_dir=str(dest_dir)))
 
@@ -607,137 +616,256 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {msg[:limit]}{'...' if len(msg) > limit else ''}"
 
 
-def download(variant: str, *, data_dir=DATA_ROOT, train_shards: int = DEFAULT_TRAIN_SHARDS, repo_id: str | None = None,
-             fetch: Callable[[str, str, Path], object] | None = hf_fetch,
-             list_files: Callable[[str], Sequence[str]] | None = hf_list_files) -> Path:
-    """Fetch all val shards, `train_shards` train shards and the tokenizer into data_dir; return the dataset folder.
+def _variant_vocab(variant: str) -> int:
+    m = re.fullmatch(r"sp([1-9]\d*)", variant)
+    if not m or int(m.group(1)) > MAX_VOCAB:
+        raise PrepareError(f"unknown variant {variant!r}: expected sp<vocab size>, e.g. sp4096 or sp1024")
+    return int(m.group(1))
 
-    fetch(repo_id, remote_path, dest_dir) must download one file somewhere under dest_dir and return its path
-    (raising FileNotFoundError or huggingface_hub's EntryNotFoundError when the file does not exist).
-    list_files(repo_id) returns the repo's file paths; None or a failure falls back to probing.
-    Files already present that verify are skipped; corrupt ones are fetched again. Every shard is checked
-    with train_gpt.read_shard_header before it is moved into place.
+
+def _root_relative(rel, source: str) -> str:
+    """A manifest path, checked to stay inside the remote root (and so inside DATA_DIR once placed)."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in rel.split("/"):
+        raise PrepareError(f"{source}: bad file path {rel!r} (must be relative to the remote root)")
+    return rel
+
+
+def _manifest_plan(manifest, ds_name: str, vocab: int, source: str, hint: str = "") -> tuple[int, int, list[str]]:
+    """(val shard count, train shard count, tokenizer files) that an upstream manifest gives for ds_name."""
+    try:
+        datasets = {d["name"]: d for d in manifest["datasets"]}
+        tokenizers = {t["name"]: t for t in manifest["tokenizers"]}
+    except (KeyError, TypeError):
+        raise PrepareError(f"{source}: not a data manifest (needs 'datasets' and 'tokenizers' lists of named "
+                           "entries)") from None
+    if ds_name not in datasets:
+        raise PrepareError(f"{source} does not list dataset {ds_name} (it lists: "
+                           f"{', '.join(sorted(datasets)) or 'none'}){hint}")
+    ds = datasets[ds_name]
+    try:
+        n_val, n_train = int(ds["stats"]["files_val"]), int(ds["stats"]["files_train"])
+        tok_name = ds["tokenizer_name"]
+    except (KeyError, TypeError, ValueError):
+        raise PrepareError(f"{source}: dataset {ds_name} lacks tokenizer_name or stats.files_val/files_train") from None
+    if ds.get("vocab_size", vocab) != vocab:
+        raise PrepareError(f"{source}: dataset {ds_name} has vocab_size {ds['vocab_size']}, expected {vocab}")
+    if n_val < 1:
+        raise PrepareError(f"{source}: dataset {ds_name} lists no val shards")
+    if tok_name not in tokenizers:
+        raise PrepareError(f"{source} does not list tokenizer {tok_name!r} (used by {ds_name}){hint}")
+    tok = tokenizers[tok_name]
+    files: list[str] = []
+    for key in ("model_path", "vocab_path", "path"):  # every one that is set, as upstream downloads them
+        if tok.get(key) and tok[key] not in files:
+            files.append(_root_relative(tok[key], source))
+    if not any(f.endswith(".model") for f in files):
+        raise PrepareError(f"{source}: tokenizer {tok_name!r} lists no SentencePiece .model file")
+    return n_val, n_train, files
+
+
+def _listing_plan(listed: set[str], pre: str, ds_name: str, tok_stem: str, train_shards: int,
+                  where: str) -> tuple[int, list[str]]:
+    """(val shard count, tokenizer files) from a repo's file listing, only under the remote root `pre` (so two
+    exports of one dataset in the repo are never mixed); train shards 0..train_shards-1 must be listed."""
+    folder = f"{pre}datasets/{ds_name}"
+    pat = re.compile(rf"{re.escape(folder)}/fineweb_(val|train)_(\d{{6}})\.bin")
+    have: dict[str, set[int]] = {"val": set(), "train": set()}
+    for f in listed:
+        m = pat.fullmatch(f)
+        if m:
+            have[m.group(1)].add(int(m.group(2)))
+    if not have["val"]:
+        raise PrepareError(f"no {folder}/fineweb_val_*.bin in {where}")
+    n_val = max(have["val"]) + 1
+    for split, n in (("val", n_val), ("train", train_shards)):
+        for i in range(n):
+            if i in have[split]:
+                continue
+            if have[split] and i < max(have[split]):
+                raise PrepareError(f"{folder}/fineweb_{split}_{i:06d}.bin is missing from {where} (shards are "
+                                   "numbered from 000000 without gaps)")
+            raise PrepareError(f"{where} has {len(have[split])} {ds_name} {split} shards, {n} requested")
+    tok_files = [f"tokenizers/{tok_stem}.model", f"tokenizers/{tok_stem}.vocab"]
+    if pre + tok_files[0] not in listed:
+        raise PrepareError(f"no {pre + tok_files[0]} in {where}")
+    return n_val, [f for f in tok_files if pre + f in listed]
+
+
+def _check_file(path: Path, name: str, vocab: int, sha256: str | None) -> None:
+    """Raise PrepareError unless `path` is a usable copy of the file called `name` (a hub-cache blob, which
+    older huggingface_hub versions link to, is named by its hash: the kind comes from `name`)."""
+    if name.endswith(".bin"):
+        tg = _train_gpt()
+        try:
+            tg.read_shard_header(path)  # magic, version and exact size
+        except tg.ShardError as e:
+            raise PrepareError(str(e)) from None
+    elif name.endswith(".model"):
+        _check_tokenizer(path, vocab)
+    elif name.endswith(".vocab"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            n = sum(1 for _ in f)
+        if n != vocab:
+            raise PrepareError(f"{path}: {n} lines, expected {vocab}")
+    elif name.endswith(".json"):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise PrepareError(f"{path}: not readable JSON ({e})") from None
+    elif name.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            first = f.readline()
+        try:
+            ok = isinstance(json.loads(first).get("text"), str)
+        except (ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise PrepareError(f'{path}: first line is not a JSON object with a string "text"')
+    if sha256 is not None and sha256_file(path) != sha256.lower():
+        raise PrepareError(f"{path}: sha256 differs from the manifest's {sha256}")
+
+
+def _staged(got: Path, staging: Path) -> bool:
+    """Whether the fetcher's file is our own copy in staging (huggingface_hub >= 0.23), not a link into a cache."""
+    return not got.is_symlink() and Path(os.path.realpath(got)).is_relative_to(os.path.realpath(staging))
+
+
+def _place(got: Path, staging: Path, local: Path) -> None:
+    """Put a fetched, verified file at `local` as a regular file: never a link, never a partial file."""
+    real = Path(os.path.realpath(got))
+    tmp = local.with_name(f".{local.name}.part")  # hidden, so never matched by the trainer's shard globs
+    try:
+        tmp.unlink(missing_ok=True)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if _staged(got, staging):
+            try:
+                os.replace(real, tmp)  # a rename, no copy
+            except OSError:  # staging on another filesystem
+                shutil.copyfile(real, tmp)
+        else:  # a blob in the hub cache (older huggingface_hub's symlinks): copy it, the cache keeps its own
+            shutil.copyfile(real, tmp)
+        os.replace(tmp, local)
+    except OSError as e:
+        raise PrepareError(f"cannot write {local}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download(variant: str, *, data_dir=DATA_ROOT, train_shards: int = DEFAULT_TRAIN_SHARDS, repo_id: str | None = None,
+             remote_root: str = DEFAULT_REMOTE_ROOT, skip_manifest: bool = False, with_docs: bool = False,
+             fetch: Callable[[str, str, Path], object] = hf_fetch,
+             list_files: Callable[[str], Sequence[str]] | None = hf_list_files) -> Path:
+    """Fetch all val shards, the first `train_shards` train shards and the tokenizer into data_dir (upstream's
+    layout: the remote root prefix is dropped); return the dataset folder.
+
+    The counts and tokenizer files come from `<remote_root>/manifest.json`, which is also written to
+    data_dir/manifest.json (skip_manifest: use that local copy instead of fetching it). Without a manifest on
+    the hub, the repo's file listing under remote_root is used. Missing shard numbers are errors.
+
+    fetch(repo_id, remote_path, dest_dir) downloads one file under dest_dir and returns its path, which may be
+    a symlink (relative or not) to the real file; it raises FileNotFoundError or huggingface_hub's
+    EntryNotFoundError when the file does not exist. dest_dir is a staging folder that survives a failed run,
+    so that a hub version that resumes an interrupted file can. Every file is checked (shard header and size, tokenizer, the
+    manifest's sha256 when it gives one) before it is placed, as a regular file, by an atomic rename; files
+    already in place that pass the same checks are not fetched again.
     """
-    if variant not in VARIANTS:
-        raise PrepareError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
+    vocab = _variant_vocab(variant)
     if train_shards < 0:
         raise PrepareError("--train-shards must be >= 0")
-    default_repo, vocab = VARIANTS[variant]
-    repo_id = repo_id or default_repo
-    fetch = fetch or hf_fetch
+    repo_id = repo_id or VARIANT_REPOS.get(variant, UPSTREAM_REPO)
+    root = remote_root.strip("/")
+    pre = f"{root}/" if root else ""
     data_dir = Path(data_dir)
     ds_dir, tok_path = dataset_paths(data_dir, vocab)
+    ds_name = ds_dir.name
     if (ds_dir / "manifest.json").exists():  # shards and tokenizer of our own build carry the same names
         raise PrepareError(f"{ds_dir} holds a dataset built by prepare.py (manifest.json): download into another "
                            "--data-dir")
-    tg = _train_gpt()
-    ds_name, tok_name = ds_dir.name, tok_path.name
-
-    def check_shard(p: Path) -> None:
-        try:
-            tg.read_shard_header(p)
-        except tg.ShardError as e:
-            raise PrepareError(str(e)) from None
-
-    def check_tok(p: Path) -> None:
-        _check_tokenizer(p, vocab)
-
-    def check_vocab(p: Path) -> None:
-        with open(p, encoding="utf-8", errors="replace") as f:
-            n = sum(1 for _ in f)
-        if n != vocab:
-            raise PrepareError(f"{p}: {n} lines, expected {vocab}")
-
-    files = None
-    if list_files is not None:
-        try:
-            files = list(list_files(repo_id))
-        except Exception as e:  # offline, private repo, ...: fall back to probing
-            _log(f"note: could not list {repo_id} ({_one_line(e)}); probing paths instead")
+    local_manifest = data_dir / "manifest.json"
+    staging = data_dir / f".download-{ds_name}"  # kept when a run fails: partial files a hub version resumes
     counters = {"fetched": 0, "skipped": 0}
-    ds_dir.mkdir(parents=True, exist_ok=True)
-    tok_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=data_dir))
 
-    def get(remote: str, local: Path, check: Callable[[Path], None], optional: bool = False) -> bool:
-        if local.exists():
-            try:
-                check(local)
-                counters["skipped"] += 1
-                return True
-            except PrepareError as e:
-                _log(f"re-fetching {local.name}: local copy does not verify ({e})")
+    def fetch_one(rel: str, optional: bool = False) -> Path | None:
+        remote = pre + rel
+        staging.mkdir(parents=True, exist_ok=True)
         try:
-            got = Path(fetch(repo_id, remote, staging))
+            return Path(fetch(repo_id, remote, staging))
         except Exception as e:
             if _is_not_found(e):
                 if optional:
-                    return False
+                    return None
                 raise PrepareError(f"{remote} not found in hub dataset {repo_id}") from None
             raise PrepareError(f"fetching {remote} from {repo_id} failed: {_one_line(e)}") from None
-        try:
-            check(got)
-        except PrepareError as e:
-            got.unlink(missing_ok=True)
-            raise PrepareError(f"downloaded {remote} from {repo_id} does not verify: {e}") from None
-        try:
-            os.replace(got, local)
-        except OSError:  # different filesystem
-            tmp = local.with_name(f".{local.name}.tmp{os.getpid()}")
-            shutil.copyfile(got, tmp)
-            os.replace(tmp, local)
-        counters["fetched"] += 1
-        _log(f"fetched {remote} -> {local}")
-        return True
 
-    try:
-        if files is not None:
-            pat = re.compile(rf"^(.*?){re.escape(ds_name)}/fineweb_(val|train)_(\d{{6}})\.bin$")
-            shards = {"val": {}, "train": {}}
-            for f in files:
-                m = pat.match(f)
-                if m:
-                    shards[m.group(2)][int(m.group(3))] = f
-            toks = sorted((f for f in files if f.rsplit("/", 1)[-1] == tok_name),
-                          key=lambda f: ("tokenizers/" not in f, len(f)))
-            if not shards["val"]:
-                raise PrepareError(f"no {ds_name}/fineweb_val_*.bin files in hub dataset {repo_id}")
-            if not toks:
-                raise PrepareError(f"no {tok_name} in hub dataset {repo_id}")
-            have = sorted(shards["train"])
-            if len(have) < train_shards:
-                raise PrepareError(f"hub dataset {repo_id} has {len(have)} {ds_name} train shards, "
-                                   f"{train_shards} requested")
-            remote_tok = toks[0]
-            get(remote_tok, tok_path, check_tok)
-            vocab_remote = remote_tok[:-len(".model")] + ".vocab"
-            if vocab_remote in files:
-                get(vocab_remote, tok_path.with_suffix(".vocab"), check_vocab)
-            for i in sorted(shards["val"]):
-                get(shards["val"][i], ds_dir / shards["val"][i].rsplit("/", 1)[-1], check_shard)
-            for i in have[:train_shards]:
-                get(shards["train"][i], ds_dir / shards["train"][i].rsplit("/", 1)[-1], check_shard)
-        else:
-            prefix = None
-            for pre in REMOTE_PREFIXES:
-                if get(f"{pre}tokenizers/{tok_name}", tok_path, check_tok, optional=True):
-                    prefix = pre
-                    break
-            if prefix is None:
-                raise PrepareError(f"{tok_name} not found in hub dataset {repo_id} "
-                                   f"(tried {', '.join(p + 'tokenizers/' for p in REMOTE_PREFIXES)})")
-            get(f"{prefix}tokenizers/{tok_path.with_suffix('.vocab').name}", tok_path.with_suffix(".vocab"),
-                check_vocab, optional=True)
-            i = 0
-            while get(f"{prefix}datasets/{ds_name}/fineweb_val_{i:06d}.bin", ds_dir / f"fineweb_val_{i:06d}.bin",
-                      check_shard, optional=i > 0):
-                i += 1
-            for i in range(train_shards):
-                name = f"fineweb_train_{i:06d}.bin"
-                get(f"{prefix}datasets/{ds_name}/{name}", ds_dir / name, check_shard)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _log(f"{ds_dir}: {counters['fetched']} files fetched, {counters['skipped']} already present and verified")
+    def get(rel: str, local: Path) -> None:
+        want = sha256s.get(rel)
+        if local.exists():
+            try:
+                _check_file(local, local.name, vocab, want)
+                counters["skipped"] += 1
+                return
+            except PrepareError as e:
+                _log(f"re-fetching {local.name}: local copy does not verify ({e})")
+        got = fetch_one(rel)
+        try:
+            _check_file(Path(os.path.realpath(got)), local.name, vocab, want)
+        except PrepareError as e:
+            if _staged(got, staging):  # else the hub would hand the same bytes back next time
+                got.unlink()
+            raise PrepareError(f"downloaded {pre + rel} from {repo_id} does not verify: {e}") from None
+        _place(got, staging, local)
+        counters["fetched"] += 1
+        _log(f"fetched {pre + rel} -> {local}")
+
+    if skip_manifest:
+        if not local_manifest.is_file():
+            raise PrepareError(f"--skip-manifest needs {local_manifest}; run without --skip-manifest to fetch it "
+                               f"from {repo_id}")
+        fetched_manifest, manifest_file = None, local_manifest
+        source, hint = str(local_manifest), ": delete it and run without --skip-manifest to fetch the hub's"
+    else:
+        fetched_manifest = fetch_one("manifest.json", optional=True)
+        manifest_file = fetched_manifest and Path(os.path.realpath(fetched_manifest))
+        source, hint = f"{pre}manifest.json in hub dataset {repo_id}", ""
+    if manifest_file is not None:
+        try:
+            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise PrepareError(f"{source}: not readable JSON ({e})") from None
+        n_val, n_train, tok_files = _manifest_plan(manifest, ds_name, vocab, source, hint)
+        if train_shards > n_train:
+            raise PrepareError(f"{source} lists {n_train} {ds_name} train shards, {train_shards} requested")
+        # Upstream's manifest has no checksums; a top-level {path under the root: sha256} map is honoured.
+        sha256s = manifest.get("sha256")
+        sha256s = sha256s if isinstance(sha256s, dict) else {}
+        if fetched_manifest is not None:
+            _place(fetched_manifest, staging, local_manifest)
+    else:
+        if list_files is None:
+            raise PrepareError(f"no {pre}manifest.json in hub dataset {repo_id}, and no file listing to fall back on")
+        _log(f"note: no {pre}manifest.json in hub dataset {repo_id}; using its file listing under {pre or '/'}")
+        try:
+            listed = set(list_files(repo_id))
+        except Exception as e:
+            raise PrepareError(f"listing hub dataset {repo_id} failed: {_one_line(e)}") from None
+        n_val, tok_files = _listing_plan(listed, pre, ds_name, tok_path.stem, train_shards, f"hub dataset {repo_id}")
+        sha256s = {}
+
+    for rel in tok_files:
+        get(rel, data_dir / rel)
+    model = data_dir / next(f for f in tok_files if f.endswith(".model"))
+    for split, n in (("val", n_val), ("train", train_shards)):
+        for i in range(n):
+            name = f"fineweb_{split}_{i:06d}.bin"
+            get(f"datasets/{ds_name}/{name}", ds_dir / name)
+    if with_docs:
+        for rel in DOCS_FILES:
+            get(rel, data_dir / rel)
+    shutil.rmtree(staging, ignore_errors=True)
+    _log(f"{ds_dir}: {n_val} val + {train_shards} train shards and tokenizer {model} in place "
+         f"({counters['fetched']} files fetched, {counters['skipped']} already present and verified)")
+    if model != tok_path:
+        _log(f"note: train_gpt.py looks for {tok_path}; run it with TOKENIZER_PATH={model}")
     return ds_dir
 
 
@@ -746,11 +874,19 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prepare.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("download", help="fetch published shards + tokenizer from the Hugging Face hub")
-    d.add_argument("--variant", required=True, choices=sorted(VARIANTS))
-    d.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS,
+    d = sub.add_parser("download", help="fetch published shards + tokenizer from the Hugging Face hub",
+                       description=f"Env vars (upstream's): {REPO_ENV} (hub dataset repo; default "
+                                   f"{VARIANT_REPOS['sp4096']} for sp4096, else {UPSTREAM_REPO}), "
+                                   f"{REMOTE_ROOT_ENV} (folder in the repo; default {DEFAULT_REMOTE_ROOT}).")
+    d.add_argument("--variant", required=True, help="sp<vocab size>, e.g. sp4096 or sp1024")
+    d.add_argument("--train-shards", type=int, default=None,
                    help=f"number of train shards (default {DEFAULT_TRAIN_SHARDS}); val is always fetched in full")
-    d.add_argument("--repo-id", default=None, help="hub dataset repo (default depends on --variant)")
+    d.add_argument("train_shards_arg", nargs="?", type=int, default=None, metavar="TRAIN_SHARDS",
+                   help="the same as --train-shards (upstream accepts it bare)")
+    d.add_argument("--skip-manifest", action="store_true",
+                   help="use DATA_DIR/manifest.json as it is instead of fetching the hub's")
+    d.add_argument("--with-docs", action="store_true", help=f"also fetch {' and '.join(DOCS_FILES)}")
+    d.add_argument("--repo-id", default=None, help=f"hub dataset repo (wins over {REPO_ENV})")
     d.add_argument("--data-dir", default=str(DATA_ROOT), help="DATA_DIR of the layout (default: this folder)")
 
     b = sub.add_parser("build", help="tokenize a JSONL(.xz) corpus into shards")
@@ -781,7 +917,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "download":
-            download(args.variant, data_dir=args.data_dir, train_shards=args.train_shards, repo_id=args.repo_id)
+            counts = {n for n in (args.train_shards, args.train_shards_arg) if n is not None}
+            if len(counts) > 1:
+                raise PrepareError("train shard count given twice, with different values")
+            train_shards = counts.pop() if counts else DEFAULT_TRAIN_SHARDS
+            download(args.variant, data_dir=args.data_dir, train_shards=train_shards,
+                     repo_id=args.repo_id or os.environ.get(REPO_ENV) or None,
+                     remote_root=os.environ.get(REMOTE_ROOT_ENV, DEFAULT_REMOTE_ROOT),
+                     skip_manifest=args.skip_manifest, with_docs=args.with_docs,
+                     fetch=hf_fetch, list_files=hf_list_files)  # looked up now, so tests can stand in a fake hub
         elif args.cmd == "build":
             build(args.docs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer, val_docs=args.val_docs,
                   val_docs_file=args.val_docs_file, shard_tokens=args.shard_tokens, workers=args.workers,

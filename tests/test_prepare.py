@@ -1,9 +1,8 @@
-"""Tests for data/prepare.py: build, bad inputs, download with a fake hub, the embedded sample."""
+"""Tests for data/prepare.py: build, bad inputs, the embedded sample (download: test_download.py)."""
 from __future__ import annotations
 
 import json
 import lzma
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,104 +221,6 @@ def test_write_shard(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["s.bin"]
 
 
-# ----------------------------------------------------------------------------- download with a fake hub
-class FakeHub:
-    def __init__(self, root: Path):
-        self.root, self.calls = root, []
-
-    def list_files(self, repo_id):
-        assert repo_id == "kevclark/parameter-golf"
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
-
-    def fetch(self, repo_id, remote_path, dest_dir):
-        self.calls.append(remote_path)
-        src = self.root / remote_path
-        if not src.is_file():
-            raise FileNotFoundError(remote_path)
-        dst = Path(dest_dir) / remote_path
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-        return str(dst)
-
-
-@pytest.fixture
-def hub(tmp_path):
-    import sentencepiece as spm
-    root = tmp_path / "remote"
-    sd = root / "datasets" / "datasets" / "fineweb10B_sp4096"
-    td = root / "datasets" / "tokenizers"
-    sd.mkdir(parents=True)
-    td.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    prepare.write_shard(sd / "fineweb_val_000000.bin", rng.integers(0, 4096, 3000))
-    for i in range(3):
-        prepare.write_shard(sd / f"fineweb_train_{i:06d}.bin", rng.integers(0, 4096, 2000 + i))
-    shutil.copyfile(prepare.SAMPLE_TOKENIZER, td / "fineweb_4096_bpe.model")
-    prepare._write_vocab(spm.SentencePieceProcessor(model_file=str(prepare.SAMPLE_TOKENIZER)),
-                         td / "fineweb_4096_bpe.vocab")
-    return FakeHub(root)
-
-
-def run_download(hub, data_dir, listing=True, n=2):
-    return prepare.download("sp4096", data_dir=data_dir, train_shards=n, fetch=hub.fetch,
-                            list_files=hub.list_files if listing else None)
-
-
-@pytest.mark.parametrize("listing", [True, False])
-def test_download_happy_path(hub, tmp_path, listing):
-    data = tmp_path / "data"
-    ds = run_download(hub, data, listing)
-    assert ds == data / "datasets" / "fineweb10B_sp4096"
-    remote = hub.root / "datasets"
-    want = ["fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"]
-    assert sorted(p.name for p in ds.iterdir()) == want
-    for n in want:
-        assert (ds / n).read_bytes() == (remote / "datasets" / "fineweb10B_sp4096" / n).read_bytes()
-        tg().read_shard_header(ds / n)
-    for n in ("fineweb_4096_bpe.model", "fineweb_4096_bpe.vocab"):
-        assert (data / "tokenizers" / n).read_bytes() == (remote / "tokenizers" / n).read_bytes()
-    assert sorted(p.name for p in data.iterdir()) == ["datasets", "tokenizers"]  # no staging left
-    fetched = [c for c in hub.calls if (hub.root / c).is_file()]
-    assert len(fetched) == 5 and not any("train_000002" in c for c in hub.calls)
-
-
-@pytest.mark.parametrize("damage, pattern", [
-    ("truncate", r"fineweb_train_000001\.bin.*header says 2001 tokens"),
-    ("magic", r"fineweb_train_000001\.bin.*bad magic"),
-])
-def test_download_rejects_bad_remote_shard(hub, tmp_path, damage, pattern):
-    bad = hub.root / "datasets" / "datasets" / "fineweb10B_sp4096" / "fineweb_train_000001.bin"
-    raw = bytearray(bad.read_bytes())
-    if damage == "truncate":
-        raw = raw[:-7]
-    else:
-        raw[0:4] = np.array([12345], dtype="<i4").tobytes()
-    bad.write_bytes(bytes(raw))
-    data = tmp_path / "data"
-    with pytest.raises(prepare.PrepareError, match=pattern) as ei:
-        run_download(hub, data)
-    assert "datasets/datasets/fineweb10B_sp4096/fineweb_train_000001.bin" in str(ei.value)
-    assert not (data / "datasets" / "fineweb10B_sp4096" / "fineweb_train_000001.bin").exists()
-
-
-def test_download_resume_skips_and_refetches(hub, tmp_path):
-    data = tmp_path / "data"
-    ds = run_download(hub, data)
-    hub.calls.clear()
-    run_download(hub, data)
-    assert hub.calls == []                                     # everything present and verified
-    local = ds / "fineweb_train_000000.bin"
-    local.write_bytes(local.read_bytes()[:-2])                 # corrupt one local file
-    run_download(hub, data)
-    assert hub.calls == ["datasets/datasets/fineweb10B_sp4096/fineweb_train_000000.bin"]
-    assert tg().read_shard_header(local) == 2000
-    hub.calls.clear()
-    run_download(hub, data, n=3)                               # asking for more fetches only the new one
-    assert hub.calls == ["datasets/datasets/fineweb10B_sp4096/fineweb_train_000002.bin"]
-    with pytest.raises(prepare.PrepareError, match="has 3 fineweb10B_sp4096 train shards, 4 requested"):
-        run_download(hub, data, n=4)
-
-
 # ----------------------------------------------------------------------------- embedded sample
 def test_sample_files_are_sane():
     assert prepare.SAMPLE_DOCS.stat().st_size <= 1_500_000
@@ -353,39 +254,3 @@ def test_sample_cli_builds_and_is_idempotent(tmp_path):
     train[0].write_bytes(train[0].read_bytes()[:-2])
     ds2 = prepare.sample(out, workers=1, progress=False)
     assert tg().read_shard_header(ds2 / train[0].name) == m["splits"]["train"]["shard_tokens"][0]
-
-
-def test_download_network_errors_are_not_missing_files(hub, tmp_path):
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    assert prepare._is_not_found(FileNotFoundError("x")) and prepare._is_not_found(EntryNotFoundError("x"))
-    assert not prepare._is_not_found(LocalEntryNotFoundError("offline")) and not prepare._is_not_found(ConnectionError())
-
-    def broken_list(repo_id):
-        raise ConnectionError("no route to host")
-
-    def broken_fetch(repo_id, remote_path, dest_dir):
-        raise ConnectionError("no route to host")
-    with pytest.raises(prepare.PrepareError, match="tokenizers/fineweb_4096_bpe.model from kevclark/parameter-golf "
-                                                   "failed: ConnectionError: no route to host"):
-        prepare.download("sp4096", data_dir=tmp_path / "d", train_shards=1, fetch=broken_fetch, list_files=broken_list)
-    # listing failure alone falls back to probing and still succeeds
-    ds = prepare.download("sp4096", data_dir=tmp_path / "e", train_shards=1, fetch=hub.fetch, list_files=broken_list)
-    assert sorted(p.name for p in ds.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
-
-
-def test_sample_and_download_never_overwrite_each_other(hub, tmp_path):
-    """A downloaded dataset is not replaced by `sample`, and `download` refuses a folder we built ourselves
-    (same file names, different data), unless forced."""
-    data = tmp_path / "data"
-    ds = run_download(hub, data)
-    before = {p.name: p.read_bytes() for p in ds.iterdir()}
-    with pytest.raises(prepare.PrepareError, match="is not a sample build"):
-        prepare.sample(data, progress=False)
-    assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
-    built_dir = prepare.sample(tmp_path / "own", progress=False)
-    with pytest.raises(prepare.PrepareError, match="holds a dataset built by prepare.py"):
-        run_download(hub, tmp_path / "own")
-    assert prepare.verify_dataset(built_dir)
-    assert oct((tmp_path / "own").stat().st_mode & 0o777) == oct(0o755)  # not mkdtemp's owner-only mode
-    prepare.sample(data, progress=False, force=True)  # --force does replace it
-    assert prepare.verify_dataset(ds)
