@@ -119,6 +119,7 @@ class Hyperparameters:
             if not cond:
                 raise ConfigError(msg)
         h, last = self, self.num_layers - 1
+        need(h.num_heads >= 1 and h.num_kv_heads >= 1, "NUM_HEADS and NUM_KV_HEADS must be at least 1")
         need(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}")
         need(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not a multiple of NUM_KV_HEADS")
         hd = h.model_dim // h.num_heads
@@ -126,8 +127,10 @@ class Hyperparameters:
         need(h.num_layers >= 1, f"NUM_LAYERS={h.num_layers} must be at least 1")
         for name, layers in (("RECUR_LAYERS", h.recur), ("VE_LAYERS", h.ve)):
             need(all(0 <= l <= last for l in layers), f"{name}={layers} has layers outside 0..{last}")
-            need(list(layers) == sorted(set(layers)), f"{name} must list distinct layers in increasing order")
+            need(list(layers) == sorted(set(layers)), f"{name}={layers} must list distinct layers in increasing order")
         need(0 <= h.parallel_start_layer <= last, f"PARALLEL_START_LAYER={h.parallel_start_layer} not in 0..{last}")
+        need(0 <= h.xsa_last_n <= h.num_layers, f"XSA_LAST_N={h.xsa_last_n} not in 0..{h.num_layers}")
+        need(h.ve_dim >= 1 or not h.ve, f"VE_DIM={h.ve_dim} must be at least 1 when VE_LAYERS are set")
         need(h.world_size in (1, 2, 4, 8), f"WORLD_SIZE={h.world_size} must divide 8")
         need(h.train_batch_tokens % h.train_seq_len == 0,
              f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
@@ -334,7 +337,9 @@ class ModelConfig:
         self.ve_layers, self.recur_layers = tuple(self.ve_layers), tuple(self.recur_layers)
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """Parameter-free RMSNorm that keeps the input's dtype (CUDA autocast computes rms_norm in fp32 and would
+    hand back fp32, promoting the bf16 stream)."""
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 def causal_attention(q, k, v, backend: str):
     """q: (B,T,H,D), k/v: (B,T,Hkv,D) -> (B,T,H,D). SDPA's kernel is picked by the global backend flags."""
@@ -391,7 +396,7 @@ class Attention(nn.Module):
         y = causal_attention(q, k, v, self.backend)
         if self.xsa:  # exclusive self-attention: drop the component along the token's own value
             g = self.h // self.hkv
-            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            vn = F.normalize(v, dim=-1).to(y.dtype).unsqueeze(3)  # autocast normalizes in fp32
             y = y.view(B, T, self.hkv, g, self.hd)
             y = y - (y * vn).sum(-1, keepdim=True) * vn
         return self.proj(y.reshape(B, T, self.h * self.hd))
@@ -420,17 +425,24 @@ class Block(nn.Module):
         if 0 < cfg.parallel_start_layer <= layer:
             # cross-lane routes (attn->mlp lane, mlp->attn lane); zero init = isolated lanes
             self.lane_route = nn.Parameter(torch.zeros(2))
+        else:
+            self.register_parameter("lane_route", None)
 
     def forward(self, x, x0, ve):
-        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x + self.attn_scale * self.attn(rms_norm(x) * self.ln, ve)
-        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.ln)
+        mix = self.resid_mix.to(x.dtype)  # vectors cast to the stream's dtype: fp32 masters, bf16 stream on CUDA
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln, ve)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln)
 
     def forward_lanes(self, a, m, x0, ve):
-        """Parallel residual lanes: attention reads lane a, the MLP reads lane m, learned cross-routes."""
-        a = self.resid_mix[0] * a + self.resid_mix[1] * x0
-        att = self.attn_scale * self.attn(rms_norm(a) * self.ln, ve)
-        mlp = self.mlp_scale * self.mlp(rms_norm(m) * self.ln)
+        """Parallel residual lanes: attention reads lane a, the MLP reads lane m, learned cross-routes. A layer
+        before PARALLEL_START_LAYER that recurrence repeats after the fork has no routes: isolated lanes."""
+        mix = self.resid_mix.to(a.dtype)
+        a = mix[0] * a + mix[1] * x0
+        att = self.attn_scale.to(a.dtype) * self.attn(rms_norm(a) * self.ln, ve)
+        mlp = self.mlp_scale.to(m.dtype) * self.mlp(rms_norm(m) * self.ln)
+        if self.lane_route is None:
+            return a + att, m + mlp
         return a + att + self.lane_route[1] * mlp, m + mlp + self.lane_route[0] * att
 
 class GPT(nn.Module):
@@ -459,6 +471,7 @@ class GPT(nn.Module):
         r = list(cfg.recur_layers)
         self.recur_order = list(range(n)) if not r else list(range(r[-1] + 1)) + r + list(range(r[-1] + 1, n))
         self.recur_active = False
+        self.act_dtype = torch.float32  # the residual stream's dtype; build_model sets bf16 on CUDA (autocast)
         self._init_weights()
 
     def _init_weights(self):
@@ -473,15 +486,15 @@ class GPT(nn.Module):
         return self.recur_order if self.recur_active else list(range(self.cfg.num_layers))
 
     def _skip(self, x, j, src):
-        s = self.skip_weights[j] * src
+        s = self.skip_weights[j].to(x.dtype) * src
         if self.skip_gates is None:
             return x + s
-        g = torch.sigmoid(self.skip_gates[j])
+        g = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
         return g * x + (1 - g) * s
 
     def hidden(self, ids):
         """Final normalized hidden state (B, T, d)."""
-        x = x0 = rms_norm(self.tok_emb(ids))
+        x = x0 = rms_norm(self.tok_emb(ids)).to(self.act_dtype)  # fp32 table and norm, then the stream's dtype
         ve_base = self.ve_proj(self.ve_embed(ids)) * self.ve_scale if self.ve_index else None
         outs, lanes = {}, None
         for l in self.layer_order():
@@ -495,7 +508,7 @@ class GPT(nn.Module):
                 else:
                     lanes = (self._skip(lanes[0], j, src), self._skip(lanes[1], j, src))
             if lanes is None and self.lanes_from and l >= self.lanes_from:
-                lanes = (x, x)  # fork into attention and MLP lanes
+                lanes = (x, x)  # fork into attention and MLP lanes; every later position runs in lane mode
             if lanes is None:
                 x = blk(x, x0, ve)
             else:
@@ -1342,6 +1355,8 @@ def environment_lines(hp, device, attn_label: str, data: dict) -> list:
 
 def build_model(cfg: ModelConfig, device, attn_mode: str) -> GPT:
     model = GPT(cfg).to(device)
+    if device.type == "cuda":  # bf16 residual stream under autocast, as the reference; CPU stays fp32
+        model.act_dtype = torch.bfloat16
     for m in model.modules():
         if isinstance(m, Attention):
             m.backend = attn_mode
