@@ -1226,6 +1226,9 @@ def preflight(hp: Hyperparameters) -> dict:
         sp = spm.SentencePieceProcessor(model_file=tok)
     except Exception as e:
         raise ConfigError(f"{tok} is not a SentencePiece model ({e})") from None
+    if sp.id_to_piece(sp.piece_to_id("\u2581")) != "\u2581":
+        raise ConfigError(f"tokenizer {tok} has no piece that is U+2581 alone (the space marker): every space would "
+                          "count as its 3 UTF-8 bytes and val_bpb would come out too low (upstream issue #897)")
     if sp.get_piece_size() != hp.vocab_size:
         raise ConfigError(f"tokenizer {tok} has {sp.get_piece_size()} pieces but VOCAB_SIZE={hp.vocab_size}")
     if not train and not hp.eval_only:

@@ -590,6 +590,9 @@ def preflight_case(tmp_path, tiny_data_dir, name):
         env["OUT_DIR"] = str(tmp_path / "file" / "out")
     elif name == "missing_artifact":
         env["EVAL_ONLY"] = str(tmp_path / "nope.ptz")
+    elif name == "no_space_piece":  # trained on text without whitespace: no "\u2581" piece, same vocab size
+        texts = ["".join(doc.split()) for doc in sample_texts(120)]
+        env["TOKENIZER_PATH"] = str(prepare.train_tokenizer(texts, TINY_VOCAB, tmp_path / "nospace"))
     return env
 
 
@@ -603,6 +606,7 @@ def preflight_case(tmp_path, tiny_data_dir, name):
     ("bad_config", "not divisible by NUM_HEADS=3"),
     ("unwritable_out", "not writable"),
     ("missing_artifact", "EVAL_ONLY="),
+    ("no_space_piece", "no piece that is U+2581 alone"),
 ])
 def test_preflight_errors_one_line_nothing_written(tmp_path, tiny_data_dir, name, needle):
     env = preflight_case(tmp_path, tiny_data_dir, name)
