@@ -392,6 +392,49 @@ def test_every_accepted_layer_list_combination_runs(n):
     assert crashed.blocks[6].lane_route is None and crashed.blocks[7].lane_route is not None
 
 
+def test_attention_probe_rejects_wrong_or_uncompilable_kernels_and_falls_back(monkeypatch):
+    """probe_attention runs a kernel against fp32 math (outputs and gradients) and then an attention layer forward and
+    backward through fullgraph compile (dynamo here; inductor on GPU). Two stand-ins for FA3: one that ignores the
+    causal mask (wrong numbers), one that is right but breaks the graph (untraceable). choose_attention falls back to
+    the next candidate and returns why each one before it failed; ranks that disagree count as a failure."""
+    cfg = t.ModelConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, max_seq_len=64,
+                        rope_dims=4)
+    cpu = torch.device("cpu")
+    compile_fn = lambda f: torch.compile(f, backend="eager", fullgraph=True, dynamic=False)
+
+    def expand(q, k, v):
+        rep = q.size(2) // k.size(2)
+        return [x.transpose(1, 2) for x in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2))]
+
+    def no_mask(q, k, v, causal):
+        return F.scaled_dot_product_attention(*expand(q, k, v)).transpose(1, 2)
+
+    def untraceable(q, k, v, causal):
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(*expand(q, k, v), is_causal=causal).transpose(1, 2)
+
+    fakes = {"wrong": no_mask, "untraceable": untraceable}
+
+    def probe(kind, mode):
+        monkeypatch.setattr(t, "_flash_attn_func", fakes.get(kind))
+        t.probe_attention(cfg, mode, 2, 64, cpu, compile_fn)
+
+    candidates = [("wrong", "fa3"), ("untraceable", "fa3"), ("math", "sdpa")]
+    mode, label, rejected = t.choose_attention(candidates, probe)
+    assert (mode, label) == ("sdpa", "math (native gqa)")
+    assert len(rejected) == 2
+    assert rejected[0].startswith("wrong: RuntimeError: output differs from the math backend")
+    assert rejected[1].startswith("untraceable: ") and "graph_break" in rejected[1].replace(" ", "_").lower()
+    monkeypatch.setattr(t, "_flash_attn_func", untraceable)
+    t.probe_attention(cfg, "fa3", 2, 64, cpu, None)  # eagerly it runs: only the compiled path exposes it
+    votes = iter([False, True])
+    mode, label, rejected = t.choose_attention([("math", "sdpa"), ("math", "sdpa-expand")], probe,
+                                               agree=lambda ok: ok and next(votes))
+    assert mode == "sdpa-expand" and rejected == ["math (native gqa): failed on another rank"]
+    with pytest.raises(t.ConfigError, match="no attention kernel ran.*wrong: RuntimeError"):
+        t.choose_attention(candidates[:2], probe)
+
+
 # ---------------------------------------------------------------------------- optimizer, schedule, EMA
 
 
