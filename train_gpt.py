@@ -1324,31 +1324,35 @@ def sdpa_backend(kind: str):
     for name in ("cudnn", "flash", "mem_efficient", "math"):
         getattr(torch.backends.cuda, f"enable_{name}_sdp")(name == flag)
 
-def probe_attention(cfg: ModelConfig, mode: str, batch: int, seq_len: int, device, compile_fn=None):
-    """Raise unless attention `mode` runs where training runs it: first against fp32 math at a small shape
-    (outputs and gradients, eagerly), then one attention layer (QK-norm, RoPE, GQA, XSA) forward and backward at
-    the training micro-batch shape, in the stream's dtype, through the training's compile and autocast."""
+def attention_vs_math(mode: str, batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, device) -> dict:
+    """Relative error of causal_attention(mode), in the stream's dtype, against fp32 math with K/V expanded:
+    the output and the gradients of q, k and v (the SDPA kernel is whatever the global flags allow)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
-    hd = cfg.model_dim // cfg.num_heads
-    shapes = ((2, 256, cfg.num_heads, hd), (2, 256, cfg.num_kv_heads, hd), (2, 256, cfg.num_kv_heads, hd))
-    qkv = [torch.randn(s, device=device, generator=g) for s in shapes]
+    qkv = [torch.randn(batch, seq_len, h, head_dim, device=device, generator=g) for h in (heads, kv_heads, kv_heads)]
     outs = []
-    for m, dt, ctx in ((mode, dtype, nullcontext()),  # the kernel, then the fp32 math reference
-                       ("sdpa-expand", torch.float32, sdpa_kernel(SDPBackend.MATH))):
+    for m, dt, ctx in ((mode, dtype, nullcontext()), ("sdpa-expand", torch.float32, sdpa_kernel(SDPBackend.MATH))):
         leaves = [t.to(dt).requires_grad_() for t in qkv]
         with ctx:
             out = causal_attention(*leaves, m)
         out.float().square().sum().backward()
         outs.append([out.float()] + [t.grad.float() for t in leaves])
-    for name, a, b in zip(("output", "dq", "dk", "dv"), *outs):
-        err = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-        if not err < 0.05:  # bf16 rounding is ~0.01; a broken kernel is off by O(1)
+    return {name: ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+            for name, a, b in zip(("output", "dq", "dk", "dv"), *outs)}
+
+def probe_attention(cfg: ModelConfig, mode: str, batch: int, seq_len: int, device, compile_fn=None):
+    """Raise unless attention `mode` runs where training runs it: first against fp32 math at a small shape
+    (outputs and gradients, eagerly), then one attention layer (QK-norm, RoPE, GQA, XSA) forward and backward at
+    the training micro-batch shape, in the stream's dtype, through the training's compile and autocast."""
+    errors = attention_vs_math(mode, 2, 256, cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads, device)
+    for name, err in errors.items():
+        if not err < 0.05:  # bf16 rounding gives ~0.01; a broken kernel is off by O(1)
             raise RuntimeError(f"{name} differs from the math backend by {err:.3g} (relative)")
     layer = Attention(cfg, xsa=True).to(device)
     layer.backend = mode
     fn = compile_fn(layer) if compile_fn else layer
-    x = torch.randn(batch, seq_len, cfg.model_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(batch, seq_len, cfg.model_dim, device=device, dtype=dtype, requires_grad=True)
     with autocast_ctx(device):
         y = fn(x)
     y.float().square().mean().backward()
@@ -1387,6 +1391,7 @@ def select_attention(hp: Hyperparameters, device, cfg: ModelConfig, compile_fn=N
     def probe(kind, mode):
         if mode != "fa3":
             sdpa_backend(kind)  # stays set for the model when this candidate wins
+        torch._dynamo.reset()  # SDPA's kernel is fixed when traced, and the flags are not guarded: trace afresh
         try:
             probe_attention(cfg, mode, *shape, device, compile_fn)
         finally:
