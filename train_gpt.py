@@ -132,7 +132,7 @@ class Hyperparameters:
             need(all(0 <= l <= last for l in layers), f"{name}={layers} has layers outside 0..{last}")
             need(list(layers) == sorted(set(layers)), f"{name}={layers} must list distinct layers in increasing order")
         need(0 <= h.parallel_start_layer <= last, f"PARALLEL_START_LAYER={h.parallel_start_layer} not in 0..{last}")
-        need(0 <= h.xsa_last_n <= h.num_layers, f"XSA_LAST_N={h.xsa_last_n} not in 0..{h.num_layers}")
+        need(h.xsa_last_n >= 0, f"XSA_LAST_N={h.xsa_last_n} must be >= 0 (>= NUM_LAYERS: every layer)")
         need(h.ve_dim >= 1 or not h.ve, f"VE_DIM={h.ve_dim} must be at least 1 when VE_LAYERS are set")
         need(h.world_size in (1, 2, 4, 8), f"WORLD_SIZE={h.world_size} must divide 8")
         need(h.train_batch_tokens % h.train_seq_len == 0,
@@ -1506,8 +1506,11 @@ class PeerWatchdog:
 
     @classmethod
     def start(cls, store, hp):
-        # its own connection (clone), so the polls never queue behind a blocking store call of the main thread
-        cls.active = wd = cls(store.clone() if hasattr(store, "clone") else store, hp)
+        try:  # its own connection, so the polls never queue behind a blocking store call of the main thread
+            store = store.clone()
+        except (AttributeError, RuntimeError):  # older torch: share the process group's connection
+            pass
+        cls.active = wd = cls(store, hp)
         threading.Thread(target=wd._watch, name="peer-watchdog", daemon=True).start()
 
     def _watch(self):
