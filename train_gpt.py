@@ -22,7 +22,9 @@ import platform
 import struct
 import subprocess
 import sys
+import threading
 import time
+import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -33,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ============================================================================ hyperparameters
 
@@ -56,7 +59,7 @@ HPARAMS = dict(
     muon_momentum=0.99, muon_backend_steps=5, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
     muon_wd=0.09, beta1=0.9, beta2=0.95, adam_eps=1e-8, grad_clip_norm=0.3, adam_wd=0.02, embed_wd=0.09,
     ema_decay=0.997,
-    attn_backend="auto", compile="auto",  # auto|fa3|cudnn|flash|math; auto|0|1 (auto: on for CUDA)
+    attn_backend="auto", compile="auto",  # auto|fa3|cudnn|flash|efficient|math; auto|0|1 (auto: on for CUDA)
     gptq_enabled=True, gptq_calibration_batches=64, gptq_reserve_seconds=10.0, artifact_bytes_limit=16_000_000,
     eval_only="", export_only="", dump_token_nll="",
     ttt_enabled=False, ttt_lr=0.002, ttt_epochs=3, ttt_chunk_tokens=32768, ttt_freeze_blocks=0, ttt_momentum=0.9,
@@ -120,6 +123,7 @@ class Hyperparameters:
             if not cond:
                 raise ConfigError(msg)
         h, last = self, self.num_layers - 1
+        need(h.num_heads >= 1 and h.num_kv_heads >= 1, "NUM_HEADS and NUM_KV_HEADS must be at least 1")
         need(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}")
         need(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not a multiple of NUM_KV_HEADS")
         hd = h.model_dim // h.num_heads
@@ -127,8 +131,10 @@ class Hyperparameters:
         need(h.num_layers >= 1, f"NUM_LAYERS={h.num_layers} must be at least 1")
         for name, layers in (("RECUR_LAYERS", h.recur), ("VE_LAYERS", h.ve)):
             need(all(0 <= l <= last for l in layers), f"{name}={layers} has layers outside 0..{last}")
-            need(list(layers) == sorted(set(layers)), f"{name} must list distinct layers in increasing order")
+            need(list(layers) == sorted(set(layers)), f"{name}={layers} must list distinct layers in increasing order")
         need(0 <= h.parallel_start_layer <= last, f"PARALLEL_START_LAYER={h.parallel_start_layer} not in 0..{last}")
+        need(h.xsa_last_n >= 0, f"XSA_LAST_N={h.xsa_last_n} must be >= 0 (>= NUM_LAYERS: every layer)")
+        need(h.ve_dim >= 1 or not h.ve, f"VE_DIM={h.ve_dim} must be at least 1 when VE_LAYERS are set")
         need(h.world_size in (1, 2, 4, 8), f"WORLD_SIZE={h.world_size} must divide 8")
         need(h.train_batch_tokens % h.train_seq_len == 0,
              f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
@@ -142,8 +148,8 @@ class Hyperparameters:
         need(h.iterations >= 1 and h.gptq_calibration_batches >= 1, "ITERATIONS, GPTQ_CALIBRATION_BATCHES must be >= 1")
         need(h.max_wallclock_seconds <= 0 or h.max_wallclock_seconds > h.gptq_reserve_seconds,
              f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no time after GPTQ_RESERVE_SECONDS")
-        need(h.attn_backend in ("auto", "math", *(("fa3", "cudnn", "flash") if torch.cuda.is_available() else ())),
-             f"ATTN_BACKEND={h.attn_backend} must be auto|math, or fa3|cudnn|flash on a CUDA machine")
+        need(h.attn_backend in ("auto", "math", *(ATTN_KINDS if torch.cuda.is_available() else ())),
+             f"ATTN_BACKEND={h.attn_backend} must be auto|math, or fa3|cudnn|flash|efficient on a CUDA machine")
         need(h.compile in ("auto", "0", "1"), f"COMPILE={h.compile} must be auto, 0 or 1")
         need(h.ttt_chunk_tokens >= 1 and h.ttt_batch_seqs >= 1 and h.ttt_epochs >= 0 and h.slot_steps >= 0,
              "TTT_CHUNK_TOKENS and TTT_BATCH_SEQS must be positive, TTT_EPOCHS and SLOT_STEPS non-negative")
@@ -336,7 +342,9 @@ class ModelConfig:
         self.ve_layers, self.recur_layers = tuple(self.ve_layers), tuple(self.recur_layers)
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """Parameter-free RMSNorm that keeps the input's dtype (CUDA autocast computes rms_norm in fp32 and would
+    hand back fp32, promoting the bf16 stream)."""
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 def causal_attention(q, k, v, backend: str):
     """q: (B,T,H,D), k/v: (B,T,Hkv,D) -> (B,T,H,D). SDPA's kernel is picked by the global backend flags."""
@@ -393,7 +401,7 @@ class Attention(nn.Module):
         y = causal_attention(q, k, v, self.backend)
         if self.xsa:  # exclusive self-attention: drop the component along the token's own value
             g = self.h // self.hkv
-            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            vn = F.normalize(v, dim=-1).to(y.dtype).unsqueeze(3)  # autocast normalizes in fp32
             y = y.view(B, T, self.hkv, g, self.hd)
             y = y - (y * vn).sum(-1, keepdim=True) * vn
         return self.proj(y.reshape(B, T, self.h * self.hd))
@@ -422,17 +430,24 @@ class Block(nn.Module):
         if 0 < cfg.parallel_start_layer <= layer:
             # cross-lane routes (attn->mlp lane, mlp->attn lane); zero init = isolated lanes
             self.lane_route = nn.Parameter(torch.zeros(2))
+        else:
+            self.register_parameter("lane_route", None)
 
     def forward(self, x, x0, ve):
-        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x + self.attn_scale * self.attn(rms_norm(x) * self.ln, ve)
-        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.ln)
+        mix = self.resid_mix.to(x.dtype)  # vectors cast to the stream's dtype: fp32 masters, bf16 stream on CUDA
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln, ve)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln)
 
     def forward_lanes(self, a, m, x0, ve):
-        """Parallel residual lanes: attention reads lane a, the MLP reads lane m, learned cross-routes."""
-        a = self.resid_mix[0] * a + self.resid_mix[1] * x0
-        att = self.attn_scale * self.attn(rms_norm(a) * self.ln, ve)
-        mlp = self.mlp_scale * self.mlp(rms_norm(m) * self.ln)
+        """Parallel residual lanes: attention reads lane a, the MLP reads lane m, learned cross-routes. A layer
+        before PARALLEL_START_LAYER that recurrence repeats after the fork has no routes: isolated lanes."""
+        mix = self.resid_mix.to(a.dtype)
+        a = mix[0] * a + mix[1] * x0
+        att = self.attn_scale.to(a.dtype) * self.attn(rms_norm(a) * self.ln, ve)
+        mlp = self.mlp_scale.to(m.dtype) * self.mlp(rms_norm(m) * self.ln)
+        if self.lane_route is None:
+            return a + att, m + mlp
         return a + att + self.lane_route[1] * mlp, m + mlp + self.lane_route[0] * att
 
 class GPT(nn.Module):
@@ -461,6 +476,7 @@ class GPT(nn.Module):
         r = list(cfg.recur_layers)
         self.recur_order = list(range(n)) if not r else list(range(r[-1] + 1)) + r + list(range(r[-1] + 1, n))
         self.recur_active = False
+        self.act_dtype = torch.float32  # the residual stream's dtype; build_model sets bf16 on CUDA (autocast)
         self._init_weights()
 
     def _init_weights(self):
@@ -475,15 +491,15 @@ class GPT(nn.Module):
         return self.recur_order if self.recur_active else list(range(self.cfg.num_layers))
 
     def _skip(self, x, j, src):
-        s = self.skip_weights[j] * src
+        s = self.skip_weights[j].to(x.dtype) * src
         if self.skip_gates is None:
             return x + s
-        g = torch.sigmoid(self.skip_gates[j])
+        g = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
         return g * x + (1 - g) * s
 
     def hidden(self, ids):
         """Final normalized hidden state (B, T, d)."""
-        x = x0 = rms_norm(self.tok_emb(ids))
+        x = x0 = rms_norm(self.tok_emb(ids)).to(self.act_dtype)  # fp32 table and norm, then the stream's dtype
         ve_base = self.ve_proj(self.ve_embed(ids)) * self.ve_scale if self.ve_index else None
         outs, lanes = {}, None
         for l in self.layer_order():
@@ -497,7 +513,7 @@ class GPT(nn.Module):
                 else:
                     lanes = (self._skip(lanes[0], j, src), self._skip(lanes[1], j, src))
             if lanes is None and self.lanes_from and l >= self.lanes_from:
-                lanes = (x, x)  # fork into attention and MLP lanes
+                lanes = (x, x)  # fork into attention and MLP lanes; every later position runs in lane mode
             if lanes is None:
                 x = blk(x, x0, ve)
             else:
@@ -1179,13 +1195,23 @@ def fit_artifact(entries: dict, cfg: ModelConfig, hessians: dict, code_bytes: in
         log(f"selective_prune: zeroed {k} codes -> total {total} bytes")
     return pruned, data
 
+TEMP_FILES = set()  # write_atomic's files in flight, for a peer's failure that ends this process mid-write
+
 def write_atomic(path: Path, data: bytes):
+    """Readers never see a partial file, and a failure leaves no temporary file behind."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    TEMP_FILES.add(tmp)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        TEMP_FILES.discard(tmp)
 
 def load_artifact(path) -> tuple:
     return unpack_artifact(decompress(Path(path).read_bytes()))
@@ -1393,6 +1419,9 @@ def preflight(hp: Hyperparameters) -> dict:
         sp = spm.SentencePieceProcessor(model_file=tok)
     except Exception as e:
         raise ConfigError(f"{tok} is not a SentencePiece model ({e})") from None
+    if sp.id_to_piece(sp.piece_to_id("\u2581")) != "\u2581":
+        raise ConfigError(f"tokenizer {tok} has no piece that is U+2581 alone (the space marker): every space would "
+                          "count as its 3 UTF-8 bytes and val_bpb would come out too low (upstream issue #897)")
     if sp.get_piece_size() != hp.vocab_size:
         raise ConfigError(f"tokenizer {tok} has {sp.get_piece_size()} pieces but VOCAB_SIZE={hp.vocab_size}")
     if not train and not hp.eval_only:  # EXPORT_ONLY calibrates on training data
@@ -1443,6 +1472,9 @@ def ensure_smoke_data(hp: Hyperparameters):
     if subprocess.run([sys.executable, str(script), "sample", "--out", hp.data_dir]).returncode:
         raise ConfigError("smoke: data/prepare.py sample failed (see above)")
 
+def run_log_path(hp: Hyperparameters) -> Path:
+    return Path(hp.out_dir) / "logs" / f"{hp.run_id}.txt"
+
 def make_logger(path, enabled: bool):
     """Rank 0 only: stdout and logs/<RUN_ID>.txt."""
     f = open(path, "a", encoding="utf-8") if enabled else None
@@ -1463,32 +1495,97 @@ def init_runtime(hp: Hyperparameters) -> torch.device:
         torch.set_float32_matmul_precision("high")
     if hp.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        PeerWatchdog.start(dist.distributed_c10d._get_default_store(), hp)
     torch._dynamo.config.cache_size_limit = 32  # eval graphs per model x recurrence x offset; fullgraph: hard limit
     torch._dynamo.config.optimize_ddp = False
     return device
 
-def select_attention(hp: Hyperparameters, device, cfg: ModelConfig) -> tuple:
-    """(mode for causal_attention, label for the log): FA3 when importable, else the first SDPA kernel that
-    runs causal GQA at our head shape, cuDNN first (faster than flash on H100 at our shape)."""
+def sdpa_backend(kind: str):
+    """Let SDPA use only `kind`'s kernel. Global flags: torch.compile reads them when it traces SDPA."""
+    flag = {"efficient": "mem_efficient"}.get(kind, kind)
+    for name in ("cudnn", "flash", "mem_efficient", "math"):
+        getattr(torch.backends.cuda, f"enable_{name}_sdp")(name == flag)
+
+def attention_vs_math(mode: str, batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, device) -> dict:
+    """Relative error of causal_attention(mode), in the stream's dtype, against fp32 math with K/V expanded:
+    the output and the gradients of q, k and v (the SDPA kernel is whatever the global flags allow)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv = [torch.randn(batch, seq_len, h, head_dim, device=device, generator=g) for h in (heads, kv_heads, kv_heads)]
+    outs = []
+    for m, dt, ctx in ((mode, dtype, nullcontext()), ("sdpa-expand", torch.float32, sdpa_kernel(SDPBackend.MATH))):
+        leaves = [t.to(dt).requires_grad_() for t in qkv]
+        with ctx:
+            out = causal_attention(*leaves, m)
+        out.float().square().sum().backward()
+        outs.append([out.float()] + [t.grad.float() for t in leaves])
+    return {name: ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+            for name, a, b in zip(("output", "dq", "dk", "dv"), *outs)}
+
+def probe_attention(cfg: ModelConfig, mode: str, batch: int, seq_len: int, device, compile_fn=None):
+    """Raise unless attention `mode` runs where training runs it: first against fp32 math at a small shape
+    (outputs and gradients, eagerly), then one attention layer (QK-norm, RoPE, GQA, XSA) forward and backward at
+    the training micro-batch shape, in the stream's dtype, through the training's compile and autocast."""
+    errors = attention_vs_math(mode, 2, 256, cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads, device)
+    for name, err in errors.items():
+        if not err < 0.05:  # bf16 rounding gives ~0.01; a broken kernel is off by O(1)
+            raise RuntimeError(f"{name} differs from the math backend by {err:.3g} (relative)")
+    layer = Attention(cfg, xsa=True).to(device)
+    layer.backend = mode
+    fn = compile_fn(layer) if compile_fn else layer
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(batch, seq_len, cfg.model_dim, device=device, dtype=dtype, requires_grad=True)
+    with autocast_ctx(device):
+        y = fn(x)
+    y.float().square().mean().backward()
+    if not (torch.isfinite(y).all() and torch.isfinite(x.grad).all()):
+        raise RuntimeError(f"non-finite output or gradient at {batch}x{seq_len}")
+
+def choose_attention(candidates, probe, agree=lambda ok: ok) -> tuple:
+    """The first (kind, mode) that `probe` runs without raising on every rank (`agree` ANDs a flag over ranks):
+    (mode, label, [why each earlier candidate failed])."""
+    failures = []
+    for kind, mode in candidates:
+        label = kind if mode == "fa3" else f"{kind} ({'native gqa' if mode == 'sdpa' else 'expanded kv'})"
+        try:
+            probe(kind, mode)
+            ok, why = True, "failed on another rank"
+        except Exception as e:  # any failure means: try the next kernel
+            ok, why = False, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+        if agree(ok):
+            return mode, label, failures
+        failures.append(f"{label}: {why}")
+    raise ConfigError("no attention kernel ran on this GPU: " + "; ".join(failures))
+
+ATTN_KINDS = ("fa3", "cudnn", "flash", "efficient", "math")  # auto's order: cuDNN beat flash on H100 at our shape
+
+def select_attention(hp: Hyperparameters, device, cfg: ModelConfig, compile_fn=None) -> tuple:
+    """(mode for causal_attention, label for the log, failed candidates with reasons): FA3 when importable, else
+    the first SDPA kernel that runs causal GQA (native, else with K/V expanded), proven by probe_attention at the
+    training shape through the training's compile; all ranks agree on one."""
     if device.type != "cuda":
-        return "sdpa", "sdpa (cpu)"
-    hd = cfg.model_dim // cfg.num_heads
-    order = ["fa3", "cudnn", "flash", "math"] if hp.attn_backend == "auto" else [hp.attn_backend]
-    for kind in order:
-        if kind == "fa3" and _flash_attn_func is None:
-            continue
-        for mode in (["fa3"] if kind == "fa3" else ["sdpa", "sdpa-expand"]):
-            for name in ("cudnn", "flash", "mem_efficient", "math"):
-                getattr(torch.backends.cuda, f"enable_{name}_sdp")(name == kind)
-            try:
-                q = torch.randn(2, 256, cfg.num_heads, hd, device=device, dtype=torch.bfloat16, requires_grad=True)
-                kv = torch.randn(2, 256, cfg.num_kv_heads, hd, device=device, dtype=torch.bfloat16)
-                causal_attention(q, kv, kv, mode).float().sum().backward()
-                torch.cuda.synchronize(device)
-            except Exception:
-                continue
-            return mode, kind if mode == "fa3" else f"{kind} ({'native gqa' if mode == 'sdpa' else 'expanded kv'})"
-    raise ConfigError(f"ATTN_BACKEND={hp.attn_backend}: no attention kernel ran on this GPU")
+        return "sdpa", "sdpa (cpu)", []
+    kinds = ATTN_KINDS if hp.attn_backend == "auto" else (hp.attn_backend,)
+    candidates = [(k, m) for k in kinds if k != "fa3" or _flash_attn_func is not None
+                  for m in (("fa3",) if k == "fa3" else ("sdpa", "sdpa-expand"))]
+    shape = (8, hp.eval_seq_len) if hp.eval_only else (hp.train_seqs // 8, hp.train_seq_len)
+
+    def probe(kind, mode):
+        if mode != "fa3":
+            sdpa_backend(kind)  # stays set for the model when this candidate wins
+        torch._dynamo.reset()  # SDPA's kernel is fixed when traced, and the flags are not guarded: trace afresh
+        try:
+            probe_attention(cfg, mode, *shape, device, compile_fn)
+        finally:
+            torch.cuda.empty_cache()
+
+    def agree(ok: bool) -> bool:
+        if hp.world_size == 1:
+            return ok
+        flag = torch.tensor([int(ok)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return choose_attention(candidates, probe, agree)
 
 def git_commit() -> str:
     """The checkout's commit (+'-dirty' with uncommitted changes), or 'unavailable'."""
@@ -1524,6 +1621,8 @@ def environment_lines(hp, device, attn_label: str, data: dict) -> list:
 
 def build_model(cfg: ModelConfig, device, attn_mode: str) -> GPT:
     model = GPT(cfg).to(device)
+    if device.type == "cuda":  # bf16 residual stream under autocast, as the reference; CPU stays fp32
+        model.act_dtype = torch.bfloat16
     for m in model.modules():
         if isinstance(m, Attention):
             m.backend = attn_mode
@@ -1563,8 +1662,83 @@ def final_evals(hp, cfg: ModelConfig, entries: dict, evaluator: Evaluator, devic
         log(f"WARNING: evaluations took {total_ms / 1000:.0f}s, over the challenge's 600s evaluation limit")
     return results
 
+def report_failure(hp, text: str):
+    """stderr, and on rank 0 the run's log file too (once it exists)."""
+    print(text, file=sys.stderr, flush=True)
+    path = run_log_path(hp) if hp is not None and hp.run_id else None
+    if path is not None and hp.rank == 0 and path.is_file():
+        with open(path, "a", encoding="utf-8") as f:
+            print(text, file=f)
+
+ABORT_KEY, ENDED_KEY = "train_gpt_abort", "train_gpt_ended"
+
+class PeerWatchdog:
+    """Ends every rank within seconds when one fails, whatever the others are blocked in (under NCCL a rank
+    waiting in a collective for a dead peer may never return), without relying on the launcher: the failing
+    rank posts its traceback under ABORT_KEY in the process group's store; a daemon thread on every rank polls
+    that key (a lost store also counts: its host has ended), reports it (rank 0 into the log too), removes
+    write_atomic's temporary files and calls os._exit(1). The failing rank waits until every rank has ended
+    (a few seconds at most), so that a launcher killing the rest cannot cut the reports short."""
+
+    active = None  # this process's watchdog, once the process group exists
+
+    def __init__(self, store, hp, poll: float = 0.25):
+        self.store, self.hp, self.poll = store, hp, poll
+        self.stopped = threading.Event()
+
+    @classmethod
+    def start(cls, store, hp):
+        try:  # its own connection, so the polls never queue behind a blocking store call of the main thread
+            store = store.clone()
+        except (AttributeError, RuntimeError):  # older torch: share the process group's connection
+            pass
+        cls.active = wd = cls(store, hp)
+        threading.Thread(target=wd._watch, name="peer-watchdog", daemon=True).start()
+
+    def _watch(self):
+        while not self.stopped.wait(self.poll):
+            try:
+                if not self.store.check([ABORT_KEY]):
+                    continue
+                why = self.store.get(ABORT_KEY).decode(errors="replace")
+            except Exception as e:
+                if self.stopped.wait(2.0):  # the group is shutting down after a clean run
+                    return
+                why = f"the process group's store is gone ({type(e).__name__}: {e})"
+            if self.stopped.is_set():
+                return
+            report_failure(self.hp, f"error: rank {self.hp.rank} ends because a peer failed:\n{why}")
+            for p in list(TEMP_FILES):
+                p.unlink(missing_ok=True)
+            self.exit(1)
+
+    def post(self, text: str) -> str:
+        """Called by a failing rank: stop watching, post `text` unless a peer failed first; returns the first."""
+        self.stopped.set()
+        try:
+            return self.store.compare_set(ABORT_KEY, "", text).decode(errors="replace")
+        except Exception:
+            return text
+
+    def exit(self, rc: int, timeout: float = 10.0):
+        """Count this rank as ended, wait (at most `timeout`) until every rank is, and end the process. Rank 0 may
+        host the store, so it leaves last: a peer's last store call does not hit a closed socket."""
+        try:
+            ended, deadline = self.store.add(ENDED_KEY, 1), time.monotonic() + timeout
+            while ended < self.hp.world_size and time.monotonic() < deadline:
+                time.sleep(0.05)
+                ended = self.store.add(ENDED_KEY, 0)
+            if self.hp.rank == 0:
+                time.sleep(0.5)
+        except Exception:  # the store went with its host
+            pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
 def main(env=None) -> int:
     env = dict(os.environ if env is None else env)
+    hp = None
     try:
         hp = Hyperparameters.from_env(env)
         if hp.smoke:
@@ -1572,14 +1746,29 @@ def main(env=None) -> int:
         rc = run(hp, preflight(hp))
         if dist.is_initialized():
             dist.barrier()  # no rank tears the group down while a peer still finishes (gloo aborted 1 run in ~15)
-        return rc
     except ConfigError as e:
+        rc, text = 2, f"error: {e}"
         if int(env.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
+            print(text, file=sys.stderr)
+    except (Exception, KeyboardInterrupt) as e:
+        rc, text = 1, f"error: rank {env.get('RANK', '0')}: {type(e).__name__}: {e}\n{traceback.format_exc()}".rstrip()
+        report_failure(hp, text)
+    else:
+        if PeerWatchdog.active is not None:
+            PeerWatchdog.active.stopped.set()
+            PeerWatchdog.active = None
         if dist.is_initialized():
             dist.destroy_process_group()
+        return rc
+    wd = PeerWatchdog.active
+    if wd is None:  # one process, or no process group yet
+        return rc
+    # peers may be blocked in a collective with this rank: end them first, then this process (tearing the group
+    # down could block on them)
+    first = wd.post(text)
+    if first != text and rc == 1:
+        report_failure(hp, f"error: rank {hp.rank}'s error above may follow from a peer's earlier one:\n{first}")
+    wd.exit(rc)
 
 def run(hp: Hyperparameters, data: dict) -> int:
     device = init_runtime(hp)
@@ -1587,19 +1776,20 @@ def run(hp: Hyperparameters, data: dict) -> int:
         ModelConfig.from_hparams(hp)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, hp.eval_seq_len, 0 if hp.eval_only else
                                                    hp.train_seq_len))
-    attn_mode, attn_label = select_attention(hp, device, cfg)
+    compile_fn = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if hp.use_compile else None
+    attn_mode, attn_label, attn_rejected = select_attention(hp, device, cfg, compile_fn)
     is_main = hp.rank == 0
     out = Path(hp.out_dir)
     hp.run_id = hp.run_id or str(uuid.uuid4())
     if is_main:
         (out / "logs").mkdir(parents=True, exist_ok=True)
-    log_path = out / "logs" / f"{hp.run_id}.txt"
+    log_path = run_log_path(hp)
     log = make_logger(log_path, is_main)
     log(f"run_id: {hp.run_id} started: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
-    for line in environment_lines(hp, device, attn_label, data) + hp.lines():
+    for line in environment_lines(hp, device, attn_label, data) + [f"attention_probe: rejected {r}" for r in
+                                                                     attn_rejected] + hp.lines():
         log(line)
     luts = build_byte_luts(data["sp"], hp.vocab_size)
-    compile_fn = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if hp.use_compile else None
     evaluator = Evaluator(data["val_tokens"], hp.eval_seq_len, hp.val_batch_tokens, luts, device, hp.rank,
                           hp.world_size, compile_fn)
     val = torch.from_numpy(data["val_tokens"].astype(np.int64))

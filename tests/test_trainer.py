@@ -1,6 +1,7 @@
 """Core trainer: config, data, byte accounting, model wiring, optimizer, schedule, EMA, end-to-end runs."""
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -295,6 +296,145 @@ def test_lanes_fork_and_merge():
     assert not torch.allclose(a1, a3)
 
 
+def test_residual_stream_bf16_under_autocast_with_fp32_masters(monkeypatch):
+    """What CUDA runs (build_model sets act_dtype=bf16, every forward is under bf16 autocast), on CPU: autocast
+    runs Linear in bf16 on both; CUDA's autocast computes rms_norm and normalize in fp32 and returns fp32, which is
+    emulated here. The embedding output, every block's inputs and outputs (sequential and both lanes, skip blends
+    included) and the final hidden state are bf16; parameters and gradients stay fp32; the loss is the fp32 one
+    up to bf16 rounding. CPU runs stay fp32."""
+    rms, normalize = F.rms_norm, F.normalize
+    monkeypatch.setattr(F, "rms_norm", lambda x, shape, *a, **k: rms(x.float(), shape, *a, **k))
+    monkeypatch.setattr(F, "normalize", lambda x, *a, **k: normalize(x.float(), *a, **k))
+    torch.manual_seed(0)
+    m = t.GPT(small_cfg())  # recurrence, lanes, skips, VE and XSA all active
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    m.recur_active = True
+    seen = []
+    for i, blk in enumerate(m.blocks):
+        for name in ("forward", "forward_lanes"):
+            def record(*args, _f=getattr(blk, name), _tag=f"{i}.{name}"):
+                out = _f(*args)
+                seen.extend((_tag, v.dtype) for v in (*args, *(out if isinstance(out, tuple) else (out,)))
+                            if isinstance(v, torch.Tensor))
+                return out
+            setattr(blk, name, record)
+    x = torch.randint(0, 64, (2, 16))
+    m.act_dtype = torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.hidden(x).dtype == torch.bfloat16
+        loss = m(x, torch.roll(x, 1, 1))
+    tags = {tag for tag, _ in seen}
+    assert {f"{l}.forward" for l in (0, 1, 2)} | {f"{l}.forward_lanes" for l in (3, 4)} <= tags
+    assert {dt for _, dt in seen} == {torch.bfloat16}, [s for s in seen if s[1] != torch.bfloat16][:5]
+    loss.backward()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in m.parameters())
+    m.act_dtype = torch.float32
+    with torch.no_grad():
+        assert abs(loss.item() - m(x, torch.roll(x, 1, 1)).item()) < 0.05
+    assert t.build_model(small_cfg(), torch.device("cpu"), "sdpa").act_dtype == torch.float32
+
+
+def layer_list_env(n, recur, parallel, ve, xsa):
+    return {"NUM_LAYERS": str(n), "RECUR_LAYERS": recur, "PARALLEL_START_LAYER": str(parallel), "VE_LAYERS": ve,
+            "XSA_LAST_N": str(xsa), "VOCAB_SIZE": "16", "MODEL_DIM": "8", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
+            "ROPE_DIMS": "2", "VE_DIM": "4", "MLP_MULT": "1", "TRAIN_SEQ_LEN": "8", "TRAIN_BATCH_TOKENS": "64",
+            "EVAL_STRIDE": "8"}
+
+
+def test_layer_lists_validation_accepts_exactly_the_well_formed():
+    """Every combination of the four layer settings on a 4-layer model (the well-formed values and malformed ones):
+    accepted exactly when each list is well formed on its own, otherwise one ConfigError naming the setting."""
+    import itertools
+    n = 4
+    good = [",".join(map(str, c)) for k in range(n + 1) for c in itertools.combinations(range(n), k)]
+    bad = ["4", "-1", "2,1", "1,1", "a"]
+    for recur, parallel, ve, xsa in itertools.product(good + bad, range(-1, n + 1), good + bad, range(-1, n + 2)):
+        env = layer_list_env(n, recur, parallel, ve, xsa)
+        valid = {"RECUR_LAYERS": recur in good, "PARALLEL_START_LAYER": 0 <= parallel < n, "VE_LAYERS": ve in good,
+                 "XSA_LAST_N": xsa >= 0}  # above NUM_LAYERS: every layer, as the default 11 on fewer layers
+        if all(valid.values()):
+            t.Hyperparameters.from_env(env)
+        else:
+            with pytest.raises(t.ConfigError) as e:
+                t.Hyperparameters.from_env(env)
+            assert re.match(r"[A-Z_]+", str(e.value))[0] in [k for k, ok in valid.items() if not ok], str(e.value)
+
+
+@pytest.mark.parametrize("n", [4, 5])
+def test_every_accepted_layer_list_combination_runs(n):
+    """Every RECUR_LAYERS x PARALLEL_START_LAYER combination (they fix the layer order, the lane fork and the skips)
+    runs forward and backward, with and without recurrence, and every parameter gets a gradient. VE_LAYERS and
+    XSA_LAST_N only switch a feature inside a layer, whatever its position: they rotate through all their values.
+    A layer before the fork that recurrence repeats after it (RECUR_LAYERS=6,7 PARALLEL_START_LAYER=7 crashed)
+    runs in lane mode with isolated lanes."""
+    import itertools
+    torch.set_num_threads(1)
+    subsets = [",".join(map(str, c)) for k in range(n + 1) for c in itertools.combinations(range(n), k)]
+    x = torch.randint(0, 16, (1, 6))
+    combos = list(itertools.product(subsets, range(n)))
+    for i, (recur, parallel) in enumerate(combos):
+        hp = t.Hyperparameters.from_env(layer_list_env(n, recur, parallel, subsets[(7 * i) % len(subsets)], i % (n + 1)))
+        m = t.GPT(t.ModelConfig.from_hparams(hp))
+        for active in (False, True):
+            m.recur_active = active
+            m.zero_grad(set_to_none=True)
+            loss = m(x, x)
+            loss.backward()
+            assert torch.isfinite(loss), (recur, parallel, active)
+            dead = [name for name, p in m.named_parameters() if p.grad is None]
+            assert not dead, (recur, parallel, active, dead)
+    crashed = t.GPT(small_cfg(num_layers=11, recur_layers=(6, 7), parallel_start_layer=7, ve_layers=(9, 10)))
+    crashed.recur_active = True
+    assert crashed.layer_order() == [0, 1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10]
+    crashed(x, x).backward()
+    assert crashed.blocks[6].lane_route is None and crashed.blocks[7].lane_route is not None
+
+
+def test_attention_probe_rejects_wrong_or_uncompilable_kernels_and_falls_back(monkeypatch):
+    """probe_attention runs a kernel against fp32 math (outputs and gradients) and then an attention layer forward and
+    backward through fullgraph compile (dynamo here; inductor on GPU). Two stand-ins for FA3: one that ignores the
+    causal mask (wrong numbers), one that is right but breaks the graph (untraceable). choose_attention falls back to
+    the next candidate and returns why each one before it failed; ranks that disagree count as a failure."""
+    cfg = t.ModelConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, max_seq_len=64,
+                        rope_dims=4)
+    cpu = torch.device("cpu")
+    compile_fn = lambda f: torch.compile(f, backend="eager", fullgraph=True, dynamic=False)
+
+    def expand(q, k, v):
+        rep = q.size(2) // k.size(2)
+        return [x.transpose(1, 2) for x in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2))]
+
+    def no_mask(q, k, v, causal):
+        return F.scaled_dot_product_attention(*expand(q, k, v)).transpose(1, 2)
+
+    def untraceable(q, k, v, causal):
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(*expand(q, k, v), is_causal=causal).transpose(1, 2)
+
+    fakes = {"wrong": no_mask, "untraceable": untraceable}
+
+    def probe(kind, mode):
+        monkeypatch.setattr(t, "_flash_attn_func", fakes.get(kind))
+        t.probe_attention(cfg, mode, 2, 64, cpu, compile_fn)
+
+    candidates = [("wrong", "fa3"), ("untraceable", "fa3"), ("math", "sdpa")]
+    mode, label, rejected = t.choose_attention(candidates, probe)
+    assert (mode, label) == ("sdpa", "math (native gqa)")
+    assert len(rejected) == 2
+    assert rejected[0].startswith("wrong: RuntimeError: output differs from the math backend")
+    assert rejected[1].startswith("untraceable: ") and "graph_break" in rejected[1].replace(" ", "_").lower()
+    monkeypatch.setattr(t, "_flash_attn_func", untraceable)
+    t.probe_attention(cfg, "fa3", 2, 64, cpu, None)  # eagerly it runs: only the compiled path exposes it
+    votes = iter([False, True])
+    mode, label, rejected = t.choose_attention([("math", "sdpa"), ("math", "sdpa-expand")], probe,
+                                               agree=lambda ok: ok and next(votes))
+    assert mode == "sdpa-expand" and rejected == ["math (native gqa): failed on another rank"]
+    with pytest.raises(t.ConfigError, match="no attention kernel ran.*wrong: RuntimeError"):
+        t.choose_attention(candidates[:2], probe)
+
+
 # ---------------------------------------------------------------------------- optimizer, schedule, EMA
 
 
@@ -493,6 +633,9 @@ def preflight_case(tmp_path, tiny_data_dir, name):
         env["OUT_DIR"] = str(tmp_path / "file" / "out")
     elif name == "missing_artifact":
         env["EVAL_ONLY"] = str(tmp_path / "nope.ptz")
+    elif name == "no_space_piece":  # trained on text without whitespace: no "\u2581" piece, same vocab size
+        texts = ["".join(doc.split()) for doc in sample_texts(120)]
+        env["TOKENIZER_PATH"] = str(prepare.train_tokenizer(texts, TINY_VOCAB, tmp_path / "nospace"))
     return env
 
 
@@ -506,6 +649,7 @@ def preflight_case(tmp_path, tiny_data_dir, name):
     ("bad_config", "not divisible by NUM_HEADS=3"),
     ("unwritable_out", "not writable"),
     ("missing_artifact", "EVAL_ONLY="),
+    ("no_space_piece", "no piece that is U+2581 alone"),
 ])
 def test_preflight_errors_one_line_nothing_written(tmp_path, tiny_data_dir, name, needle):
     env = preflight_case(tmp_path, tiny_data_dir, name)

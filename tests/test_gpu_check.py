@@ -1,0 +1,81 @@
+"""bench/gpu_check.py, the GPU shakedown: its CPU mode end to end (so the script cannot rot between GPU runs), and
+the numbers it derives from a log."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_check  # noqa: E402
+
+
+def test_cpu_mode_end_to_end(tmp_path, tiny_data_dir):
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu", "--data-dir", str(tiny_data_dir),
+                        "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), cwd=str(ROOT))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((out / "gpu_check.json").read_text())
+    secs = rep["sections"]
+    assert list(secs) == ["env", "train", "attention", "compiled"] and all(s["ok"] for s in secs.values())
+    assert secs["env"]["mode"] == "cpu" and secs["env"]["torch"]
+    s = secs["train"]["summary"]
+    assert s["attention_backend"] == "sdpa (cpu)" and s["steps"] > 0 and s["tok_s"] > 0 and s["timed_compiles"] == 0
+    assert s["peak_allocated_mib"] > 0 and s["model_params"] > 0 and s["val_tokens"] > 0
+    assert s["recurrence_step"] > 0 and s["tok_s_before_recurrence"] > 0 and s["tok_s_after_recurrence"] > 0
+    assert 0 <= s["export_s"] < 60 and s["total_bytes"] == s["model_bytes"] + s["code_bytes"]
+    for name in ("pre_quant", "roundtrip", "sliding"):
+        assert s[name]["ms"] > 0 and s[name]["tokens_per_s"] > 0 and s[name]["est_fineweb_val_8gpu_s"] > 0
+    assert s["errors"] == [] and s["est_steps_in_590s_8gpu"] > 0
+    log = (out / "train.log").read_text()
+    # every pattern finds its line, except those a CPU run without compile, pruning or trouble does not write
+    seen = set(gpu_check.parse_log([(0.0, line) for line in log.splitlines()]))
+    assert set(gpu_check.LOG_LINES) - seen == {"attention_rejected", "warmup_step", "selective_prune", "warning",
+                                               "error"}
+    att = secs["attention"]
+    assert att["cpu"]["sdpa"]["matches_math"] and att["cpu"]["timed"]["fwd_bwd_ms"] > 0
+    comp = secs["compiled"]
+    assert comp["loss_abs_diff"] < 1e-4 and comp["grad_norm_rel_diff"] < 1e-4
+
+
+def test_summary_numbers_from_a_gpu_style_log():
+    """Throughput by wall time around the recurrence switch, export time between its two lines, eval tokens/s and
+    the 8-GPU FineWeb estimates, on lines in train_gpt's formats as a GPU run writes them."""
+    text = """env: attention_backend: cudnn (native gqa)
+attention_probe: rejected fa3: ImportError: no module
+model_params:34401380
+val_tokens: 1000000
+warmup_step: 20/20
+5/20000 train_loss: 7.1 train_time: 0.10m tok/s: 900000
+15/20000 train_loss: 6.0 train_time: 0.20m tok/s: 950000
+recurrence:activated at step 16, virtual_layers=[0, 1]
+25/20000 train_loss: 5.5 train_time: 0.30m tok/s: 940000
+35/20000 train_loss: 5.0 train_time: 0.40m tok/s: 930000
+stopping_early: wallclock_cap train_time: 140000ms step: 180/20000
+peak memory allocated: 27000 MiB reserved: 30000 MiB
+train_summary: steps: 180 train_time: 140000ms tok/s: 1000000 mfu: 41.2% timed_compiles: 0
+gptq:hessians 66 from 64 batches in 3000ms
+gptq:quantized in 2000ms (full GPTQ): int6: 66 tensors / 1 params
+Code size: 80000 bytes
+selective_prune: zeroed 10 codes -> total 15999000 bytes
+Serialized model int6+brotli: 15919000 bytes
+Total submission size int6+brotli: 15999000 bytes
+final_int6_roundtrip val_loss:2.5 val_bpb:1.2 eval_time:2000ms
+final_int6_sliding_window val_loss:2.4 val_bpb:1.1 eval_time:20000ms
+eval_total: 22000ms
+WARNING: something"""
+    times = {"15/": 20.0, "recurrence": 21.0, "25/": 30.0, "35/": 41.0, "5/": 10.0, "Code size": 100.0,
+             "Serialized model int6": 112.5}
+    lines = [(next((v for k, v in times.items() if line.startswith(k)), 0.0), line) for line in text.splitlines()]
+    s = gpu_check.summarize(gpu_check.parse_log(lines), 786432)
+    assert s["attention_backend"] == "cudnn (native gqa)" and s["attention_rejected"] == ["fa3: ImportError: no module"]
+    assert (s["tok_s"], s["mfu"], s["timed_compiles"], s["peak_allocated_mib"]) == (1000000, "41.2%", 0, 27000)
+    assert s["recurrence_step"] == 16 and s["tok_s_before_recurrence"] == round(10 * 786432 / 10.0)
+    assert s["tok_s_after_recurrence"] == round(10 * 786432 / 11.0)
+    assert s["export_s"] == 12.5 and s["gptq_ms"] == 5000 and s["selective_prune"] and s["warnings"] == ["something"]
+    assert s["sliding"]["tokens_per_s"] == 50000
+    assert s["sliding"]["est_fineweb_val_8gpu_s"] == round(45508608 / 400000, 1)
+    assert s["roundtrip"]["est_fineweb_val_8gpu_s"] == round(45508608 / 4000000, 1)
+    assert s["est_steps_in_590s_8gpu"] == round(8e6 * 590 / 786432)
