@@ -59,6 +59,11 @@ LOG_LINES = {
     "gptq_hessians": r"^gptq:hessians \d+ from \d+ batches in (?P<hessian_ms>\d+)ms$",
     "gptq_quantized": r"^gptq:quantized in (?P<quantize_ms>\d+)ms",
     "pre_quant": r"^pre-quantization post-ema val_loss:(?P<loss>\S+) val_bpb:(?P<bpb>\S+) eval_time:(?P<ms>\d+)ms$",
+    "quant_knob": r"^quant:grid knob: (?P<knob>\S+) .* rtn_evals: (?P<rtn_evals>\d+) gptq_passes: (?P<gptq_passes>\d+)$",
+    "quant_bits": r"^quant:bits_per_weight (?P<bits_per_weight>.+)$",
+    "quant_verify": r"^quant:verify: (?P<quant_verify>.+)$",
+    "export": r"^export: predicted (?P<predicted_bytes>\d+) actual \d+ model bytes \((?P<prediction_error>\S+)\), "
+              r"compress\+write (?P<export_ms>\d+)ms$",
     "selective_prune": r"^selective_prune: (?P<selective_prune>.+)$",
     "code_size": r"^Code size: (?P<code_bytes>\d+) bytes$",
     "model_bytes": r"^Serialized model int6\+brotli: (?P<model_bytes>\d+) bytes$",
@@ -69,7 +74,7 @@ LOG_LINES = {
     "warning": r"^WARNING: (?P<warning>.+)$",
     "error": r"^error: (?P<error>.+)$",
 }
-MANY = ("attention_rejected", "warmup_step", "train_loss", "selective_prune", "warning", "error")
+MANY = ("attention_rejected", "warmup_step", "train_loss", "quant_verify", "selective_prune", "warning", "error")
 
 
 def number(v: str):
@@ -131,8 +136,14 @@ def summarize(p: dict, tokens_per_step: int, world: int = 8) -> dict:
         src = {"code_bytes": "code_size"}.get(k, k)
         if src in p:
             s[k] = p[src][k]
-    if "code_size" in p and "model_bytes" in p:  # compression (+ pruning) and the write, by wall time
-        s["export_s"] = round(p["model_bytes"]["t"] - p["code_size"]["t"], 2)
+    if "quant_knob" in p:
+        s |= {k: p["quant_knob"][k] for k in ("knob", "rtn_evals", "gptq_passes")}
+    if "quant_bits" in p:
+        s["bits_per_weight"] = p["quant_bits"]["bits_per_weight"]
+    if "export" in p:  # the verifying compression(s), any pruning and the write
+        s |= {"export_s": round(p["export"]["export_ms"] / 1000, 2), "predicted_bytes": p["export"]["predicted_bytes"],
+              "prediction_error": p["export"]["prediction_error"]}
+    s["quant_verify"] = [r["quant_verify"] for r in p.get("quant_verify", [])]
     s["selective_prune"] = [r["selective_prune"] for r in p.get("selective_prune", [])]
     val = s["val_tokens"]
     for name in ("pre_quant", "roundtrip", "sliding"):

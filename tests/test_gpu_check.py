@@ -32,8 +32,9 @@ def test_cpu_mode_end_to_end(tmp_path, tiny_data_dir):
     log = (out / "train.log").read_text()
     # every pattern finds its line, except those a CPU run without compile, pruning or trouble does not write
     seen = set(gpu_check.parse_log([(0.0, line) for line in log.splitlines()]))
-    assert set(gpu_check.LOG_LINES) - seen == {"attention_rejected", "warmup_step", "selective_prune", "warning",
-                                               "error"}
+    assert set(gpu_check.LOG_LINES) - seen <= {"attention_rejected", "warmup_step", "quant_verify", "selective_prune",
+                                               "warning", "error"}
+    assert {"quant_knob", "quant_bits", "export"} <= seen and s["bits_per_weight"] and s["predicted_bytes"] > 0
     att = secs["attention"]
     assert att["cpu"]["sdpa"]["matches_math"] and att["cpu"]["timed"]["fwd_bwd_ms"] > 0
     comp = secs["compiled"]
@@ -41,7 +42,7 @@ def test_cpu_mode_end_to_end(tmp_path, tiny_data_dir):
 
 
 def test_summary_numbers_from_a_gpu_style_log():
-    """Throughput by wall time around the recurrence switch, export time between its two lines, eval tokens/s and
+    """Throughput by wall time around the recurrence switch, the rate search and export lines, eval tokens/s and
     the 8-GPU FineWeb estimates, on lines in train_gpt's formats as a GPU run writes them."""
     text = """env: attention_backend: cudnn (native gqa)
 attention_probe: rejected fa3: ImportError: no module
@@ -58,16 +59,19 @@ peak memory allocated: 27000 MiB reserved: 30000 MiB
 train_summary: steps: 180 train_time: 140000ms tok/s: 1000000 mfu: 41.2% timed_compiles: 0
 gptq:hessians 66 from 64 batches in 3000ms
 gptq:quantized in 2000ms (full GPTQ): int6: 66 tensors / 1 params
+quant:grid knob: 0.0312 (row step = max(row max / qmax, knob x unit); 0 = finest grid) rtn_evals: 14 gptq_passes: 1
+quant:bits_per_weight int8: 2.900 int6: 3.512 fp16: 16.000
+quant:verify: knob 0.03 gave 16100000 model bytes, predicted 15950000; searching again
 Code size: 80000 bytes
 selective_prune: zeroed 10 codes -> total 15999000 bytes
+export: predicted 15910000 actual 15919000 model bytes (+0.06%), compress+write 12500ms
 Serialized model int6+brotli: 15919000 bytes
 Total submission size int6+brotli: 15999000 bytes
 final_int6_roundtrip val_loss:2.5 val_bpb:1.2 eval_time:2000ms
 final_int6_sliding_window val_loss:2.4 val_bpb:1.1 eval_time:20000ms
 eval_total: 22000ms
 WARNING: something"""
-    times = {"15/": 20.0, "recurrence": 21.0, "25/": 30.0, "35/": 41.0, "5/": 10.0, "Code size": 100.0,
-             "Serialized model int6": 112.5}
+    times = {"15/": 20.0, "recurrence": 21.0, "25/": 30.0, "35/": 41.0, "5/": 10.0}
     lines = [(next((v for k, v in times.items() if line.startswith(k)), 0.0), line) for line in text.splitlines()]
     s = gpu_check.summarize(gpu_check.parse_log(lines), 786432)
     assert s["attention_backend"] == "cudnn (native gqa)" and s["attention_rejected"] == ["fa3: ImportError: no module"]
@@ -75,6 +79,8 @@ WARNING: something"""
     assert s["recurrence_step"] == 16 and s["tok_s_before_recurrence"] == round(10 * 786432 / 10.0)
     assert s["tok_s_after_recurrence"] == round(10 * 786432 / 11.0)
     assert s["export_s"] == 12.5 and s["gptq_ms"] == 5000 and s["selective_prune"] and s["warnings"] == ["something"]
+    assert (s["knob"], s["rtn_evals"], s["gptq_passes"], s["predicted_bytes"]) == (0.0312, 14, 1, 15910000)
+    assert s["prediction_error"] == "+0.06%" and s["bits_per_weight"].startswith("int8: 2.900") and s["quant_verify"]
     assert s["sliding"]["tokens_per_s"] == 50000
     assert s["sliding"]["est_fineweb_val_8gpu_s"] == round(45508608 / 400000, 1)
     assert s["roundtrip"]["est_fineweb_val_8gpu_s"] == round(45508608 / 4000000, 1)
