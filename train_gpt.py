@@ -876,14 +876,10 @@ def collect_hessians(model: GPT, batches, device, world: int) -> dict:
     hs = {n: H / count for n, H in hs.items()}  # c_k and c_v read c_q's input: they share its Hessian
     return {**hs, **{n.replace(".c_q.", c): H for n, H in hs.items() if ".c_q." in n for c in (".c_k.", ".c_v.")}}
 
-def step_units(model: GPT, hessians: dict) -> dict:
-    """name -> per-row unit of the grid knob (a row's step is at least knob x unit)."""
-    return {n: torch.ones(p.size(0), device=p.device) for n, p in model.named_parameters() if p.ndim == 2}
-
-def row_steps(W: torch.Tensor, qmax: int, floor: torch.Tensor) -> torch.Tensor:
-    """Per-row step: the finest grid that covers the row (row max / qmax), or the rate floor when coarser;
-    rounded to fp16 as stored."""
-    return torch.maximum(W.abs().amax(dim=1).float() / qmax, floor).clamp_min(1e-7).half()
+def row_steps(W: torch.Tensor, qmax: int, knob: float) -> torch.Tensor:
+    """Per-row step: the finest grid that covers the row (row max / qmax), or the knob when coarser; rounded to
+    fp16 as stored."""
+    return (W.abs().amax(dim=1).float() / qmax).clamp_min(max(knob, 1e-7)).half()
 
 def rtn_quantize(W: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
     """Round to nearest on the per-row grid: int8 codes."""
@@ -943,8 +939,10 @@ def predicted_code_bytes(q: torch.Tensor, rows=None) -> float:
     return min(huffman_bits(counts.tolist()), 1.25 * entropy + 0.01 * q.numel()) / 8
 
 class RateSearch:
-    """Chooses one grid knob c for every quantized tensor: row step = max(row max / qmax, c x unit[row]).
-    c = 0 is the finest grid; otherwise the search puts the predicted artifact into FIT_BAND of the budget.
+    """Chooses one grid knob c for every quantized tensor: row step = max(row max / qmax, c), an absolute step
+    (at equal bytes it beat steps relative to each row's spread, or scaled by Hessian or Fisher estimates of a
+    layer's sensitivity; see the README). c = 0 is the finest grid; otherwise the search puts the predicted
+    artifact into FIT_BAND of the budget.
     Round-to-nearest predictions (cheap) place c; GPTQ passes then correct it by the measured ratio of GPTQ
     to RTN code bytes. Solves are spread over ranks (largest first) and predictions all-reduced, so every
     rank takes the same decisions."""
@@ -954,7 +952,6 @@ class RateSearch:
         self.plan = quant_plan(model)
         self.sd = {n: p.detach() for n, p in model.named_parameters()}
         self.names = [n for n, k in self.plan.items() if k != "fp16"]
-        self.units = step_units(model, hessians)
         self.owner, load = {}, [0] * world
         for n in sorted(self.names, key=lambda n: -self.sd[n].numel() * self.sd[n].size(1)):
             self.owner[n] = load.index(min(load))
@@ -966,12 +963,12 @@ class RateSearch:
         self.evals = self.passes = 0
 
     def steps(self, c: float) -> dict:
-        return {n: row_steps(self.sd[n], QMAX[self.plan[n]], c * self.units[n]) for n in self.names}
+        return {n: row_steps(self.sd[n], QMAX[self.plan[n]], c) for n in self.names}
 
     def code_bytes(self, n: str, q: torch.Tensor, c: float) -> float:
         """Predicted bytes of tensor n's codes at knob c: rows on the knob's grid and rows on their own finest
         grid have different code distributions, so they are costed apart."""
-        return predicted_code_bytes(q, c * self.units[n] >= self.finest[n]) * self.brotli_ratio[n]
+        return predicted_code_bytes(q, c >= self.finest[n]) * self.brotli_ratio[n]
 
     def quantize(self, n: str, step: torch.Tensor, gptq: bool) -> torch.Tensor:
         H = self.hessians.get(n)
@@ -1043,8 +1040,8 @@ class RateSearch:
         target = budget * FIT_TARGET
         rtn = lambda c: self.predict(c, False)[0]
         # below c_lo no floor binds (the finest grid); from c_hi on every code rounds to zero
-        c_lo = min(float((self.finest[n] / self.units[n]).min()) for n in self.names)
-        c_hi = max(float((2 * QMAX[self.plan[n]] * self.finest[n] / self.units[n]).max()) for n in self.names)
+        c_lo = min(float(self.finest[n].min()) for n in self.names)
+        c_hi = max(float(2 * QMAX[self.plan[n]] * self.finest[n].max()) for n in self.names)
         c_lo = max(c_lo, c_hi * 1e-6)
         smallest = rtn(c_hi)
         if smallest > budget:
@@ -1082,7 +1079,7 @@ class RateSearch:
                 H, D = self.hessians[n].float(), w - e["q"].float() * e["scale"].float()[:, None]
                 err += float(((D @ H) * D).sum())
                 ref += float(((w @ H) * w).sum())
-        return [f"quant:grid knob: {c:.6g} (row step = max(row max / qmax, knob x unit); 0 = finest grid) "
+        return [f"quant:grid knob: {c:.6g} (row step = max(row max / qmax, knob); 0 = finest grid) "
                 f"rtn_evals: {self.evals} gptq_passes: {self.passes}",
                 "quant:bits_per_weight " + " ".join(f"{k}: {bits[k] / count[k]:.3f}" for k in bits),
                 f"quant:hessian_weighted_error: {err / max(ref, 1e-30):.4e} (relative, int tensors with a Hessian)",
