@@ -1183,11 +1183,13 @@ def export_model(search: RateSearch, cfg: ModelConfig, code_bytes: int, limit: i
     measured = []
     for attempt in range(3):
         t0 = time.perf_counter()
-        if attempt < 2 or measured[0][0] == measured[1][0]:
+        secant = attempt == 2 and min(measured)[0] > 0 and len(set(measured)) == 2 and measured[0][1] != measured[1][1]
+        if not secant:
             try:
                 entries, knob, predicted = search.run(goal)
             except FitError as e:
-                raise FitError(f"ARTIFACT_BYTES_LIMIT={limit} cannot be met with {code_bytes} bytes of code: {e}") from None
+                raise FitError(f"ARTIFACT_BYTES_LIMIT={limit} cannot be met with {code_bytes} bytes of code: "
+                               f"{e}") from None
         else:  # log size is near linear in log knob: the secant through both measurements
             (c0, a0), (c1, a1) = measured
             knob = math.exp(math.log(c1) + (math.log(c1) - math.log(c0)) * math.log(

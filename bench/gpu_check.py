@@ -59,7 +59,8 @@ LOG_LINES = {
     "gptq_hessians": r"^gptq:hessians \d+ from \d+ batches in (?P<hessian_ms>\d+)ms$",
     "gptq_quantized": r"^gptq:quantized in (?P<quantize_ms>\d+)ms",
     "pre_quant": r"^pre-quantization post-ema val_loss:(?P<loss>\S+) val_bpb:(?P<bpb>\S+) eval_time:(?P<ms>\d+)ms$",
-    "quant_knob": r"^quant:grid knob: (?P<knob>\S+) .* rtn_evals: (?P<rtn_evals>\d+) gptq_passes: (?P<gptq_passes>\d+)$",
+    "quant_knob": r"^quant:grid knob: (?P<knob>\S+) .* rtn_evals: (?P<rtn_evals>\d+) "
+                  r"gptq_passes: (?P<gptq_passes>\d+)$",
     "quant_bits": r"^quant:bits_per_weight (?P<bits_per_weight>.+)$",
     "quant_verify": r"^quant:verify: (?P<quant_verify>.+)$",
     "export": r"^export: predicted (?P<predicted_bytes>\d+) actual \d+ model bytes \((?P<prediction_error>\S+)\), "

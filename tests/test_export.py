@@ -380,6 +380,23 @@ def test_rate_search_is_the_same_with_gptq_off_in_every_pass(quantized):
             assert torch.equal(e["q"], t.rtn_quantize(dict(model.named_parameters())[n], steps[n], t.QMAX[e["kind"]]))
 
 
+@pytest.mark.parametrize("bias", [0.96, 1.04])
+def test_export_model_corrects_a_biased_predictor_by_measuring(quantized, monkeypatch, bias):
+    """A predictor 4% off either way: the real compression shows the miss, the search runs again and the total
+    lands in [99.5%, 100%] of the limit, with the size the log reports."""
+    model, hs, _ = quantized
+    fine, _, _ = rate_search(model, hs).predict(0.0, True)
+    code, limit = 3000, 3000 + int(fine * 0.7)
+    real_predictor = t.predicted_code_bytes
+    monkeypatch.setattr(t, "predicted_code_bytes", lambda q, rows=None: bias * real_predictor(q, rows))
+    logs = []
+    entries, blob, knob, predicted, _, _ = t.export_model(rate_search(model, hs), model.cfg, code, limit, CPU,
+                                                          logs.append)
+    assert logs and all(l.startswith("quant:verify: ") for l in logs)
+    assert 0.995 * limit <= code + len(blob) <= limit, (code + len(blob), limit, logs)
+    assert blob == t.compress(t.pack_artifact(entries, model.cfg)) and knob > 0
+
+
 def full_size_model(dist: str, sd: float) -> t.GPT:
     """The default 11x512 architecture with every 2-D weight drawn i.i.d. (trained-like synthetic weights)."""
     with torch.device("meta"):
