@@ -827,7 +827,6 @@ QMAX = {"int6": 31, "int8": 127}  # code range per kind; codes are stored one pe
 ARTIFACT_MAGIC = b"PGQ1"
 BROTLI_CHUNK = 4 << 20  # independent Brotli streams, compressed in parallel
 FIT_TARGET, FIT_BAND = 0.997, (0.995, 0.999)  # the rate search's aim and accepted band (fractions of its budget)
-FIT_FLOOR = 0.995  # a verified total under this fraction of the limit runs the search again
 GPTQ_PASSES = 2  # per search, at most: the second solves every matrix again on the corrected grid
 
 class FitError(RuntimeError):
@@ -1174,7 +1173,7 @@ def decompress(data: bytes) -> bytes:
 
 def export_model(search: RateSearch, cfg: ModelConfig, code_bytes: int, limit: int, device, log) -> tuple:
     """The rate search (timed as quantization), then rank 0 compresses for real (timed on its own). A total
-    outside [FIT_FLOOR x limit, limit] runs the search again with its budget scaled by the miss, and then once
+    outside [FIT_BAND[0] x limit, limit] runs the search again with its budget scaled by the miss, and then once
     more at the knob interpolated from the two measured sizes; an overshoot left after that is pruned by
     prune_to_fit. Returns (entries, compressed blob on rank 0, knob, predicted model bytes, search ms,
     compress ms)."""
@@ -1204,7 +1203,7 @@ def export_model(search: RateSearch, cfg: ModelConfig, code_bytes: int, limit: i
             dist.broadcast(size, 0)
         search_ms, compress_ms = search_ms + 1000 * (t1 - t0), compress_ms + 1000 * (time.perf_counter() - t1)
         actual = size.item()
-        if attempt == 2 or actual <= budget and (knob == 0.0 or code_bytes + actual >= FIT_FLOOR * limit):
+        if attempt == 2 or actual <= budget and (knob == 0.0 or code_bytes + actual >= FIT_BAND[0] * limit):
             return entries, blob, knob, predicted, search_ms, compress_ms
         measured.append((knob, actual))
         goal = goal * predicted / actual
