@@ -875,10 +875,13 @@ def collect_hessians(model: GPT, batches, device, world: int) -> dict:
     hs = {n: H / count for n, H in hs.items()}  # c_k and c_v read c_q's input: they share its Hessian
     return {**hs, **{n.replace(".c_q.", c): H for n, H in hs.items() if ".c_q." in n for c in (".c_k.", ".c_v.")}}
 
-def row_steps(W: torch.Tensor, qmax: int, knob: float) -> torch.Tensor:
-    """Per-row step: the finest grid that covers the row (row max / qmax), or the knob when coarser; rounded to
-    fp16 as stored."""
-    return (W.abs().amax(dim=1).float() / qmax).clamp_min(max(knob, 1e-7)).half()
+def finest_steps(W: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per row, the finest step whose grid covers the row: row max / qmax."""
+    return W.abs().amax(dim=1).float() / qmax
+
+def row_steps(finest: torch.Tensor, knob: float) -> torch.Tensor:
+    """Per-row step: the row's finest step, or the knob when coarser; rounded to fp16 as stored."""
+    return finest.clamp_min(max(knob, 1e-7)).half()
 
 def rtn_quantize(W: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
     """Round to nearest on the per-row grid: int8 codes."""
@@ -956,13 +959,13 @@ class RateSearch:
             self.owner[n] = load.index(min(load))
             load[self.owner[n]] += self.sd[n].numel() * self.sd[n].size(1)
         self.mine = [n for n in self.names if self.owner[n] == rank]
-        self.finest = {n: self.sd[n].abs().amax(dim=1).float() / QMAX[self.plan[n]] for n in self.names}
+        self.finest = {n: finest_steps(self.sd[n], QMAX[self.plan[n]]) for n in self.names}
         self.fp16 = {n: dict(kind="fp16", data=self.sd[n].half()) for n, k in self.plan.items() if k == "fp16"}
         self.brotli_ratio = dict.fromkeys(self.names, 1.0)  # measured Brotli / Huffman bytes, see calibrate
         self.evals = self.passes = 0
 
     def steps(self, c: float) -> dict:
-        return {n: row_steps(self.sd[n], QMAX[self.plan[n]], c) for n in self.names}
+        return {n: row_steps(self.finest[n], c) for n in self.names}
 
     def code_bytes(self, n: str, q: torch.Tensor, c: float) -> float:
         """Predicted bytes of tensor n's codes at knob c: rows on the knob's grid and rows on their own finest
@@ -1072,7 +1075,7 @@ class RateSearch:
         for n, e in entries.items():
             k = e["kind"]
             w = self.sd[n].float()
-            bits[k] = bits.get(k, 0.0) + (16 * w.numel() if k == "fp16" else 8 * predicted_code_bytes(e["q"]))
+            bits[k] = bits.get(k, 0.0) + (16 * w.numel() if k == "fp16" else 8 * self.code_bytes(n, e["q"], c))
             count[k] = count.get(k, 0) + w.numel()
             if n in self.hessians and k != "fp16":
                 H, D = self.hessians[n].float(), w - e["q"].float() * e["scale"].float()[:, None]
@@ -1122,13 +1125,18 @@ def pack_artifact(entries: dict, cfg: ModelConfig) -> bytes:
         [n, e["kind"], list((e["data"] if e["kind"] == "fp16" else e["q"]).shape)] for n, e in entries.items()]))
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header.encode() + b"".join(body)
 
+def artifact_header(blob: bytes) -> tuple:
+    """(JSON header, offset of the first section) of a packed artifact."""
+    (hl,) = struct.unpack("<I", blob[4:8])
+    return json.loads(blob[8:8 + hl]), 8 + hl
+
 def unpack_artifact(blob: bytes) -> tuple:
     """Inverse of pack_artifact: (ModelConfig, entries on CPU)."""
     if blob[:4] != ARTIFACT_MAGIC:
         raise ValueError("not a PGQ1 artifact")
-    (hl,) = struct.unpack("<I", blob[4:8])
-    header, pos, arrays = json.loads(blob[8:8 + hl]), 8 + hl, {}
-    if 8 + hl + sum(header["sections"]) != len(blob):
+    header, pos = artifact_header(blob)
+    arrays = {}
+    if pos + sum(header["sections"]) != len(blob):
         raise ValueError("artifact body does not match its header")
     for k, size in zip(STREAMS, header["sections"]):
         b = blob[pos:pos + size]
@@ -1155,8 +1163,8 @@ def compress(blob: bytes, threads: int = 0, quality: int = 11) -> bytes:
     import brotli
     cuts = set(range(0, len(blob), BROTLI_CHUNK))
     if blob[:4] == ARTIFACT_MAGIC:
-        cuts, pos = {0}, 8 + struct.unpack("<I", blob[4:8])[0]
-        for size in json.loads(blob[8:pos])["sections"]:
+        (header, pos), cuts = artifact_header(blob), {0}
+        for size in header["sections"]:
             cuts.update(range(pos, pos + size, BROTLI_CHUNK))
             pos += size
     bounds = sorted(cuts | {len(blob)})
@@ -1855,17 +1863,15 @@ def run(hp: Hyperparameters, data: dict) -> int:
         return 0
 
     stream = lambda seed, seqs: TrainStream(data["train"], hp.train_seq_len, seqs, hp.rank, hp.world_size, seed)
+    torch.manual_seed(hp.seed)
+    base = build_model(cfg, device, attn_mode)
+    log(f"model_params:{sum(p.numel() for p in base.parameters())}")
     if hp.export_only:
-        base = build_model(cfg, device, attn_mode)
         base.load_state_dict(data["checkpoint"][1])
         base.recur_active = bool(cfg.recur_layers)
         log(f"export_only: {hp.export_only} model config: {dataclasses.asdict(cfg)}")
-        log(f"model_params:{sum(p.numel() for p in base.parameters())}")
         train_ms = 0.0
     else:
-        torch.manual_seed(hp.seed)
-        base = build_model(cfg, device, attn_mode)
-        log(f"model_params:{sum(p.numel() for p in base.parameters())}")
         model = torch.compile(base, dynamic=False, fullgraph=True) if hp.use_compile else base
         if hp.world_size > 1:
             model = nn.parallel.DistributedDataParallel(

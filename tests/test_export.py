@@ -228,9 +228,9 @@ def correlated_hessian(cols: int, n: int = 4096, seed: int = 0) -> torch.Tensor:
 def test_row_steps_finest_grid_or_floor():
     g = torch.Generator().manual_seed(3)
     W = torch.randn(6, 40, generator=g) * torch.tensor([0.001, 0.01, 0.05, 0.1, 0.5, 0.0])[:, None]
-    fine = t.row_steps(W, 31, 0.0)
+    fine = t.row_steps(t.finest_steps(W, 31), 0.0)
     assert torch.equal(fine, (W.abs().amax(1) / 31).clamp_min(1e-7).half())
-    s = t.row_steps(W, 31, 0.004)
+    s = t.row_steps(t.finest_steps(W, 31), 0.004)
     assert torch.equal(s, torch.maximum(W.abs().amax(1) / 31, torch.tensor(0.004)).half())
     assert (s.float() >= fine.float()).all() and (s.float() > fine.float()).sum() == 3  # the floor binds on 3 rows
     q = t.rtn_quantize(W, s, 31)
@@ -247,7 +247,7 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     g = torch.Generator().manual_seed(1)
     W = torch.randn(48, cols, generator=g) * 0.05
     for floor in (0.0, 0.02):  # the finest grid, and a coarse grid where the floor binds on every row
-        s = t.row_steps(W, 31, floor)
+        s = t.row_steps(t.finest_steps(W, 31), floor)
         q_r, q_g = t.rtn_quantize(W, s, 31), t.gptq_quantize(W, H, s, 31)
         assert q_g.dtype == torch.int8 and int(q_g.abs().max()) <= 31
         e_r, e_g = weighted_err(W, q_r, s, H).sum(), weighted_err(W, q_g, s, H).sum()
@@ -362,7 +362,7 @@ def test_rate_search_keeps_the_finest_grid_when_it_fits_and_fills_the_budget_oth
         for n, e in entries.items():  # every step is the finest grid or the knob's floor, whichever is coarser
             if e["kind"] != "fp16":
                 w = dict(model.named_parameters())[n]
-                assert torch.equal(e["scale"], t.row_steps(w, t.QMAX[e["kind"]], knob)), n
+                assert torch.equal(e["scale"], t.row_steps(t.finest_steps(w, t.QMAX[e["kind"]]), knob)), n
     assert knobs == sorted(knobs) and knobs[0] > 0  # less room, coarser grid
     with pytest.raises(t.FitError, match="all-zero"):
         rate_search(model, hs).run(200)

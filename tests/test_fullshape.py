@@ -62,7 +62,7 @@ def test_gptq_at_the_default_shapes():
         X = torch.randn(4 * cols, cols, generator=g) @ (torch.randn(cols, cols, generator=g) / cols ** 0.5)
         H = X.T @ X / len(X)
         W = torch.randn(rows, cols, generator=g) * 0.03
-        s = t.row_steps(W, 31, 0.02)
+        s = t.row_steps(t.finest_steps(W, 31), 0.02)
         q_g, q_r = t.gptq_quantize(W, H, s, 31), t.rtn_quantize(W, s, 31)
         assert q_g.shape == W.shape and int(q_g.abs().max()) <= 31
         err = lambda q: float((((W - q.float() * s.float()[:, None]) @ H) * (W - q.float() * s.float()[:, None])).sum())
