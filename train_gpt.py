@@ -2,7 +2,8 @@
 MuonEq-R, a 600 s wallclock loop, full-Hessian GPTQ int6 + Brotli export and exact sliding-window eval.
 
 Pipeline, top to bottom: hyperparameters -> data -> tokenizer byte accounting -> model -> optimizer
--> training loop -> quantize/pack -> evaluation -> main.
+-> training loop -> quantize/pack -> evaluation -> main (preflight, start_run, train_or_load, quantize,
+write_artifact, final_evals, and the `summary:` line that ends every run).
 Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py   (env vars override every hyperparameter)
 Smoke: SMOKE=1 python train_gpt.py                             (tiny config on the embedded sample)
 """
@@ -43,68 +44,149 @@ class ConfigError(ValueError):
     """An impossible setting, or missing/mismatched data, tokenizer, artifact or output folder: reported as one
     line before any GPU work, exit code 2, nothing written."""
 
-# Every hyperparameter, grouped as in the reference's table; its env var is the name in upper case and its
-# type is the default's. TRAIN_FILES / VAL_FILES (globs) and TOKENIZER_PATH override the DATA_DIR layout.
-HPARAMS = dict(
-    data_dir="./data/", train_files="", val_files="", tokenizer_path="", out_dir=".", run_id="", seed=1337,
-    iterations=20000, warmdown_frac=0.667, warmup_steps=20, max_wallclock_seconds=600.0, min_lr=0.0,
-    train_batch_tokens=786432, train_seq_len=2048, eval_seq_len=0,  # 0: same as TRAIN_SEQ_LEN
-    train_log_every=500, val_batch_tokens=524288, val_loss_every=4000, sliding_window_enabled=True, eval_stride=64,
-    vocab_size=4096, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4.0, xsa_last_n=11,
-    skip_gates_enabled=True, logit_softcap=30.0, rope_base=10000.0, rope_dims=16, ln_scale=True, qk_gain_init=5.0,
-    ve_enabled=True, ve_dim=128, ve_layers="9,10",
-    recur_layers="4,5", recur_start_step=-1, recur_start_frac=0.5,  # the step, when set, wins over the fraction
-    parallel_start_layer=7,  # 0: no parallel lanes
-    tied_embed_lr=0.03, tied_embed_init_std=0.005, matrix_lr=0.02, scalar_lr=0.02,
-    muon_momentum=0.99, muon_backend_steps=5, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
-    muon_wd=0.09, beta1=0.9, beta2=0.95, adam_eps=1e-8, grad_clip_norm=0.3, adam_wd=0.02, embed_wd=0.09,
-    ema_decay=0.997,
-    attn_backend="auto", compile="auto",  # auto|fa3|cudnn|flash|efficient|math; auto|0|1 (auto: on for CUDA)
-    gptq_enabled=True, gptq_calibration_batches=64, gptq_reserve_seconds=10.0, artifact_bytes_limit=16_000_000,
-    eval_only="", export_only="", dump_token_nll="",
-    ttt_enabled=False, ttt_lr=0.002, ttt_epochs=3, ttt_chunk_tokens=32768, ttt_freeze_blocks=0, ttt_momentum=0.9,
-    ttt_batch_seqs=32, ttt_grad_clip=1.0,
-    slot_enabled=False, slot_steps=8, slot_lr=0.005,
-    smoke=False,
-)
+# Every setting is declared once, below: its env var is the name in upper case, its type the default's (tuples:
+# comma-separated layer indices; bools: 0/1). The README's settings table is generated from these lines
+# (tests/test_settings.py), comments included.
 
+@dataclasses.dataclass
+class ModelConfig:
+    """The network's shape and init: the model's settings, stored in the artifact's header."""
+    vocab_size: int = 4096  # tokenizer pieces (tokens are uint16)
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4  # grouped-query attention
+    mlp_mult: float = 4.0  # MLP width / MODEL_DIM
+    xsa_last_n: int = 11  # exclusive self-attention in the last N layers
+    skip_gates_enabled: bool = True  # sigmoid gates on the U-Net skips
+    logit_softcap: float = 30.0
+    rope_base: float = 10000.0
+    rope_dims: int = 16  # partial RoPE: rotated dims per head
+    ln_scale: bool = True  # block inputs scaled by 1/sqrt(layer + 1)
+    ve_dim: int = 128  # value-embedding width
+    ve_layers: tuple = (9, 10)  # layers whose values get the value embedding
+    qk_gain_init: float = 5.0
+    recur_layers: tuple = (4, 5)  # depth recurrence: repeated once, right after the last of them; empty: off
+    parallel_start_layer: int = 7  # first layer of the parallel residual lanes; 0: off
+    max_seq_len: int = 2048  # not a setting: max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN), the RoPE tables' length
+    tied_embed_init_std: float = 0.005
+
+    def __post_init__(self):  # JSON (the artifact header) turns tuples into lists
+        self.ve_layers, self.recur_layers = tuple(self.ve_layers), tuple(self.recur_layers)
+
+@dataclasses.dataclass
 class Hyperparameters:
-    """HPARAMS read from the environment, plus rank / world_size / local_rank from torchrun's."""
+    """The run's settings; `model` holds the model's (ModelConfig). rank / world_size / local_rank come from
+    torchrun's environment."""
+    # run & paths
+    data_dir: str = "./data/"  # DATA_DIR/datasets/fineweb10B_sp{VOCAB_SIZE}/ and DATA_DIR/tokenizers/
+    train_files: str = ""  # glob; overrides the DATA_DIR layout
+    val_files: str = ""  # glob; overrides the DATA_DIR layout
+    tokenizer_path: str = ""  # overrides the DATA_DIR layout
+    out_dir: str = "."  # artifacts go to OUT_DIR/, logs to OUT_DIR/logs/
+    run_id: str = ""  # log name; empty: a uuid4
+    seed: int = 1337  # init and data order
+    # length & schedule
+    iterations: int = 20000  # step cap (the wallclock cap usually ends training first)
+    warmdown_frac: float = 0.667  # LR falls linearly to MIN_LR over this last fraction of the budget
+    warmup_steps: int = 20  # compile warmup; weights, optimizers and data are restored after it
+    max_wallclock_seconds: float = 600.0  # 0: run ITERATIONS and schedule by step
+    min_lr: float = 0.0  # floor of the LR multiplier in the warmdown
+    # batch & sequence
+    train_batch_tokens: int = 786432  # per optimizer step, all ranks together
+    train_seq_len: int = 2048  # tokens per training sequence
+    eval_seq_len: int = 0  # 0: TRAIN_SEQ_LEN (EVAL_ONLY: the artifact's)
+    # logging & validation
+    train_log_every: int = 500  # a train_loss line every N steps (and steps 1-5)
+    val_batch_tokens: int = 524288  # tokens per evaluation batch, all ranks together
+    val_loss_every: int = 4000  # 0: only at the end
+    sliding_window_enabled: bool = True  # the scored eval; 0: the non-overlapping one is reported
+    eval_stride: int = 64  # sliding-window stride: each scored token sees >= EVAL_SEQ_LEN - stride context
+    # architecture (the rest is the model's: ModelConfig)
+    ve_enabled: bool = True  # value embeddings; 0: VE_LAYERS ignored
+    recur_start_step: int = -1  # step that switches recurrence on; -1: use RECUR_START_FRAC
+    recur_start_frac: float = 0.5  # fraction of the training budget that switches recurrence on
+    # optimizer
+    tied_embed_lr: float = 0.03
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.02
+    muon_momentum: float = 0.99
+    muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_wd: float = 0.09
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3  # 0: off
+    adam_wd: float = 0.02
+    embed_wd: float = 0.09
+    ema_decay: float = 0.997
+    # devices
+    attn_backend: str = "auto"  # auto|fa3|cudnn|flash|efficient|math (auto: the first that passes the probe)
+    compile: str = "auto"  # auto|0|1 (auto: on for CUDA)
+    # export
+    gptq_enabled: bool = True  # 0: round-to-nearest
+    gptq_calibration_batches: int = 64  # micro-batches, all ranks together
+    gptq_reserve_seconds: float = 10.0  # cut from the training budget for calibration and quantization
+    artifact_bytes_limit: int = 16_000_000  # code + compressed model; the rate search fills it
+    export_only: str = ""  # a run's final_model.pt: calibrate, quantize, write and evaluate it again
+    # evaluation
+    eval_only: str = ""  # an artifact to evaluate
+    dump_token_nll: str = ""  # path.npy for the per-target NLL of the reported evaluation
+    ttt_enabled: bool = False  # score-first test-time training
+    ttt_lr: float = 0.002
+    ttt_epochs: int = 3
+    ttt_chunk_tokens: int = 32768
+    ttt_freeze_blocks: int = 0
+    ttt_momentum: float = 0.9
+    ttt_batch_seqs: int = 32
+    ttt_grad_clip: float = 1.0
+    slot_enabled: bool = False  # context-only SLOT (a non-record evaluation)
+    slot_steps: int = 8
+    slot_lr: float = 0.005
+    # convenience
+    smoke: bool = False  # a one-minute CPU config on the embedded sample (SMOKE_OVERRIDES); env vars still win
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    non_default: dict = dataclasses.field(default_factory=dict)  # the settings the environment changed
 
-    def __init__(self, **kw):
-        self.__dict__.update({**HPARAMS, "rank": 0, "world_size": 1, "local_rank": 0, **kw})
+    @staticmethod
+    def declared() -> list:
+        """(owner, field) of every setting, the run's first, then the model's."""
+        return [(owner, f) for owner, cls in (("hp", Hyperparameters), ("model", ModelConfig))
+                for f in dataclasses.fields(cls) if f.name not in NOT_SETTINGS]
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
         env = dict(os.environ if env is None else env)
         if env.get("SMOKE", "0") not in ("", "0"):
-            env = {**SMOKE_DEFAULTS, **env}
-        kw = {}
-        for name, default in HPARAMS.items():
-            raw = env.get(name.upper())
+            env = {**{k.upper(): setting_text(v) for k, v in SMOKE_OVERRIDES.items()}, **env}
+        hp = cls(rank=int(env.get("RANK", 0)), world_size=int(env.get("WORLD_SIZE", 1)),
+                 local_rank=int(env.get("LOCAL_RANK", 0)))
+        for owner, f in cls.declared():
+            raw = env.get(f.name.upper())
             if raw is None:
                 continue
-            raw, kind = raw.strip(), type(default)
-            try:
-                if kind is bool and raw.lower() not in ("0", "1", "true", "false"):
-                    raise ValueError
-                kw[name] = raw.lower() in ("1", "true") if kind is bool else kind(raw)
-            except ValueError:
-                raise ConfigError(f"{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
-        for name, default in (("rank", 0), ("world_size", 1), ("local_rank", 0)):
-            kw[name] = int(env.get(name.upper(), default))
-        hp = cls(**kw)
+            value = parse_setting(f.name, raw, f.default)
+            setattr(hp.model if owner == "model" else hp, f.name, value)
+            if value != f.default:
+                hp.non_default[f.name] = value
         hp.eval_seq_len = hp.eval_seq_len or (0 if hp.eval_only else hp.train_seq_len)  # EVAL_ONLY: see preflight
         hp.validate()
         return hp
 
-    @property
-    def recur(self) -> tuple:
-        return int_list(self.recur_layers, "RECUR_LAYERS")
+    def model_config(self) -> ModelConfig:
+        """The model these settings build (VE_ENABLED=0 drops the value embeddings)."""
+        m = self.model
+        return dataclasses.replace(m, ve_dim=m.ve_dim if self.ve else 0, ve_layers=self.ve,
+                                   max_seq_len=max(self.train_seq_len, self.eval_seq_len))
 
     @property
     def ve(self) -> tuple:
-        return int_list(self.ve_layers, "VE_LAYERS") if self.ve_enabled else ()
+        return self.model.ve_layers if self.ve_enabled else ()
 
     @property
     def grad_accum(self) -> int:
@@ -122,26 +204,26 @@ class Hyperparameters:
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
-        h, last = self, self.num_layers - 1
-        need(h.num_heads >= 1 and h.num_kv_heads >= 1, "NUM_HEADS and NUM_KV_HEADS must be at least 1")
-        need(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}")
-        need(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not a multiple of NUM_KV_HEADS")
-        hd = h.model_dim // h.num_heads
-        need(h.rope_dims % 2 == 0 and 0 <= h.rope_dims <= hd, f"ROPE_DIMS={h.rope_dims} must be even, <= {hd}")
-        need(h.num_layers >= 1, f"NUM_LAYERS={h.num_layers} must be at least 1")
-        for name, layers in (("RECUR_LAYERS", h.recur), ("VE_LAYERS", h.ve)):
+        h, m, last = self, self.model, self.model.num_layers - 1
+        need(m.num_heads >= 1 and m.num_kv_heads >= 1, "NUM_HEADS and NUM_KV_HEADS must be at least 1")
+        need(m.model_dim % m.num_heads == 0, f"MODEL_DIM={m.model_dim} is not divisible by NUM_HEADS={m.num_heads}")
+        need(m.num_heads % m.num_kv_heads == 0, f"NUM_HEADS={m.num_heads} is not a multiple of NUM_KV_HEADS")
+        hd = m.model_dim // m.num_heads
+        need(m.rope_dims % 2 == 0 and 0 <= m.rope_dims <= hd, f"ROPE_DIMS={m.rope_dims} must be even, <= {hd}")
+        need(m.num_layers >= 1, f"NUM_LAYERS={m.num_layers} must be at least 1")
+        for name, layers in (("RECUR_LAYERS", m.recur_layers), ("VE_LAYERS", h.ve)):
             need(all(0 <= l <= last for l in layers), f"{name}={layers} has layers outside 0..{last}")
             need(list(layers) == sorted(set(layers)), f"{name}={layers} must list distinct layers in increasing order")
-        need(0 <= h.parallel_start_layer <= last, f"PARALLEL_START_LAYER={h.parallel_start_layer} not in 0..{last}")
-        need(h.xsa_last_n >= 0, f"XSA_LAST_N={h.xsa_last_n} must be >= 0 (>= NUM_LAYERS: every layer)")
-        need(h.ve_dim >= 1 or not h.ve, f"VE_DIM={h.ve_dim} must be at least 1 when VE_LAYERS are set")
+        need(0 <= m.parallel_start_layer <= last, f"PARALLEL_START_LAYER={m.parallel_start_layer} not in 0..{last}")
+        need(m.xsa_last_n >= 0, f"XSA_LAST_N={m.xsa_last_n} must be >= 0 (>= NUM_LAYERS: every layer)")
+        need(m.ve_dim >= 1 or not h.ve, f"VE_DIM={m.ve_dim} must be at least 1 when VE_LAYERS are set")
         need(h.world_size in (1, 2, 4, 8), f"WORLD_SIZE={h.world_size} must divide 8")
         need(h.train_batch_tokens % h.train_seq_len == 0,
              f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
         need(h.train_seqs % 8 == 0, f"TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN={h.train_seqs} sequences must split into "
              "8 equal micro-batches (world_size x grad_accum = 8)")
         need(1 <= h.eval_stride <= (h.eval_seq_len or h.eval_stride), f"EVAL_STRIDE={h.eval_stride} > EVAL_SEQ_LEN")
-        need(0 < h.vocab_size <= 65536, f"VOCAB_SIZE={h.vocab_size} must fit uint16 tokens")
+        need(0 < m.vocab_size <= 65536, f"VOCAB_SIZE={m.vocab_size} must fit uint16 tokens")
         for name in ("warmdown_frac", "recur_start_frac"):
             need(0.0 <= getattr(h, name) <= 1.0, f"{name.upper()}={getattr(h, name)} must be in [0, 1]")
         need(0.0 <= h.ema_decay < 1.0, f"EMA_DECAY={h.ema_decay} must be in [0, 1)")
@@ -153,26 +235,61 @@ class Hyperparameters:
         need(h.compile in ("auto", "0", "1"), f"COMPILE={h.compile} must be auto, 0 or 1")
         need(h.ttt_chunk_tokens >= 1 and h.ttt_batch_seqs >= 1 and h.ttt_epochs >= 0 and h.slot_steps >= 0,
              "TTT_CHUNK_TOKENS and TTT_BATCH_SEQS must be positive, TTT_EPOCHS and SLOT_STEPS non-negative")
-        need(0 <= h.ttt_freeze_blocks <= h.num_layers, f"TTT_FREEZE_BLOCKS={h.ttt_freeze_blocks} out of range")
+        need(0 <= h.ttt_freeze_blocks <= m.num_layers, f"TTT_FREEZE_BLOCKS={h.ttt_freeze_blocks} out of range")
         need(not (h.eval_only and h.export_only), "set EVAL_ONLY or EXPORT_ONLY, not both")
 
     def lines(self) -> list:
-        return ["Hyperparameters:"] + [f"  {k}: {v}" for k, v in self.__dict__.items()]
+        """The log's settings block (upstream's format), then torchrun's rank and world size."""
+        values = [(f.name, getattr(self.model if owner == "model" else self, f.name)) for owner, f in self.declared()]
+        values += [(k, getattr(self, k)) for k in ("rank", "world_size", "local_rank")]
+        return ["Hyperparameters:"] + [f"  {k}: {setting_text(v)}" for k, v in values]
 
-# A one-minute CPU run on the embedded sample (data/prepare.py sample builds it); env vars still win.
-SMOKE_DEFAULTS = dict(
-    DATA_DIR="data/smoke", OUT_DIR="runs/smoke", VOCAB_SIZE="4096", NUM_LAYERS="4", MODEL_DIM="64",
-    NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", EVAL_STRIDE="32",
-    TRAIN_BATCH_TOKENS="4096", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="60", GPTQ_RESERVE_SECONDS="5",
-    RECUR_LAYERS="1,2", PARALLEL_START_LAYER="3", VE_LAYERS="2,3", XSA_LAST_N="4", VAL_LOSS_EVERY="100",
-    TRAIN_LOG_EVERY="25", GPTQ_CALIBRATION_BATCHES="8", VAL_BATCH_TOKENS="16384", MUON_MOMENTUM_WARMUP_STEPS="100",
+NOT_SETTINGS = ("model", "rank", "world_size", "local_rank", "non_default", "max_seq_len")  # fields, not settings
+
+# SMOKE=1: a one-minute CPU run on the embedded sample (data/prepare.py sample builds it); env vars still win.
+SMOKE_OVERRIDES = dict(
+    data_dir="data/smoke",
+    out_dir="runs/smoke",
+    num_layers=4,
+    model_dim=64,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_mult=2.0,
+    train_seq_len=128,
+    eval_seq_len=128,
+    eval_stride=32,
+    train_batch_tokens=4096,
+    iterations=100000,
+    max_wallclock_seconds=60.0,
+    gptq_reserve_seconds=5.0,
+    recur_layers=(1, 2),
+    parallel_start_layer=3,
+    ve_layers=(2, 3),
+    xsa_last_n=4,
+    val_loss_every=100,
+    train_log_every=25,
+    gptq_calibration_batches=8,
+    val_batch_tokens=16384,
+    muon_momentum_warmup_steps=100,
 )
 
-def int_list(text: str, name: str) -> tuple:
+def setting_text(value) -> str:
+    """A setting as its env var spells it (and as the log block shows it)."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+def parse_setting(name: str, raw: str, default):
+    raw, kind = raw.strip(), type(default)
     try:
-        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+        if kind is tuple:
+            return tuple(int(t) for t in raw.replace(" ", "").split(",") if t)
+        if kind is bool:
+            if raw.lower() not in ("0", "1", "true", "false"):
+                raise ValueError
+            return raw.lower() in ("1", "true")
+        return kind(raw)
     except ValueError:
-        raise ConfigError(f"{name}={text!r} must be a comma-separated list of layer indices") from None
+        what = "a comma-separated list of layer indices" if kind is tuple else f"a valid {kind.__name__}"
+        raise ConfigError(f"{name.upper()}={raw!r} is not {what}") from None
 
 # ============================================================================ data
 
@@ -210,10 +327,10 @@ def load_shard(path) -> np.ndarray:
 def data_paths(hp: Hyperparameters) -> tuple:
     """(train shard list, val shard list, tokenizer path), sorted by file name."""
     root = Path(hp.data_dir)
-    ds = root / "datasets" / f"fineweb10B_sp{hp.vocab_size}"
+    ds = root / "datasets" / f"fineweb10B_sp{hp.model.vocab_size}"
     train = hp.train_files or str(ds / "fineweb_train_*.bin")
     val = hp.val_files or str(ds / "fineweb_val_*.bin")
-    tok = hp.tokenizer_path or str(root / "tokenizers" / f"fineweb_{hp.vocab_size}_bpe.model")
+    tok = hp.tokenizer_path or str(root / "tokenizers" / f"fineweb_{hp.model.vocab_size}_bpe.model")
     by_name = lambda pattern: sorted(glob.glob(pattern), key=lambda p: (Path(p).name, p))
     return by_name(train), by_name(val), tok
 
@@ -308,38 +425,6 @@ def count_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts) -> torch.Tensor:
     return base[tgt].long() + (space[tgt] & ~boundary[prev]).long()
 
 # ============================================================================ model
-
-@dataclasses.dataclass
-class ModelConfig:
-    """Everything that fixes the network's shape and init; stored in the artifact."""
-    vocab_size: int = 4096
-    num_layers: int = 11
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 4.0
-    xsa_last_n: int = 11
-    skip_gates_enabled: bool = True
-    logit_softcap: float = 30.0
-    rope_base: float = 10000.0
-    rope_dims: int = 16
-    ln_scale: bool = True
-    ve_dim: int = 128
-    ve_layers: tuple = (9, 10)
-    qk_gain_init: float = 5.0
-    recur_layers: tuple = (4, 5)
-    parallel_start_layer: int = 7
-    max_seq_len: int = 2048
-    tied_embed_init_std: float = 0.005
-
-    @classmethod
-    def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
-        same = {f.name: getattr(hp, f.name) for f in dataclasses.fields(cls) if f.name in HPARAMS}
-        return cls(**{**same, "ve_dim": hp.ve_dim if hp.ve else 0, "ve_layers": hp.ve, "recur_layers": hp.recur,
-                      "max_seq_len": max(hp.train_seq_len, hp.eval_seq_len)})
-
-    def __post_init__(self):  # JSON (the artifact header) turns tuples into lists
-        self.ve_layers, self.recur_layers = tuple(self.ve_layers), tuple(self.recur_layers)
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """Parameter-free RMSNorm that keeps the input's dtype (CUDA autocast computes rms_norm in fp32 and would
@@ -490,39 +575,42 @@ class GPT(nn.Module):
     def layer_order(self) -> list:
         return self.recur_order if self.recur_active else list(range(self.cfg.num_layers))
 
-    def _skip(self, x, j, src):
-        s = self.skip_weights[j].to(x.dtype) * src
+    def _skip(self, x, l, outs):
+        """Layer l's input with its U-Net skip added (unchanged when no skip feeds layer l)."""
+        if l not in self.skip_into:
+            return x
+        j = self.skip_into[l]
+        s = self.skip_weights[j].to(x.dtype) * outs[self.skip_pairs[j][0]]
         if self.skip_gates is None:
             return x + s
         g = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
         return g * x + (1 - g) * s
 
     def hidden(self, ids):
-        """Final normalized hidden state (B, T, d)."""
+        """Final normalized hidden state (B, T, d): the single-lane prefix, then (PARALLEL_START_LAYER > 0) the
+        fork at the first position whose layer is >= PARALLEL_START_LAYER, every later position in lane mode."""
         x = x0 = rms_norm(self.tok_emb(ids)).to(self.act_dtype)  # fp32 table and norm, then the stream's dtype
         ve_base = self.ve_proj(self.ve_embed(ids)) * self.ve_scale if self.ve_index else None
-        outs, lanes = {}, None
-        for l in self.layer_order():
-            blk = self.blocks[l]
-            ve = ve_base * self.ve_layer_scales[self.ve_index[l]] if l in self.ve_index else None
-            if l in self.skip_into:
-                j = self.skip_into[l]
-                src = outs[self.skip_pairs[j][0]]
-                if lanes is None:
-                    x = self._skip(x, j, src)
-                else:
-                    lanes = (self._skip(lanes[0], j, src), self._skip(lanes[1], j, src))
-            if lanes is None and self.lanes_from and l >= self.lanes_from:
-                lanes = (x, x)  # fork into attention and MLP lanes; every later position runs in lane mode
-            if lanes is None:
-                x = blk(x, x0, ve)
-            else:
-                lanes = blk.forward_lanes(*lanes, x0, ve)
+        ve = lambda l: ve_base * self.ve_layer_scales[self.ve_index[l]] if l in self.ve_index else None
+        order, outs = self.layer_order(), {}
+        fork = next((i for i, l in enumerate(order) if self.lanes_from and l >= self.lanes_from), len(order))
+        for l in order[:fork]:
+            v = ve(l)
+            x = self.blocks[l](self._skip(x, l, outs), x0, v)
             if l in self.skip_sources:
-                outs[l] = x if lanes is None else self._merge(*lanes)
-        if lanes is not None:
-            x = self._merge(*lanes)
-        return rms_norm(x)
+                outs[l] = x
+        if fork == len(order):
+            return rms_norm(x)
+        for i, l in enumerate(order[fork:]):
+            v = ve(l)
+            if i == 0:  # the fork: both lanes (attention's, the MLP's) start as one tensor, the layer's input
+                a = m = self._skip(x, l, outs)
+            else:
+                a, m = self._skip(a, l, outs), self._skip(m, l, outs)
+            a, m = self.blocks[l].forward_lanes(a, m, x0, v)
+            if l in self.skip_sources:
+                outs[l] = self._merge(a, m)
+        return rms_norm(self._merge(a, m))
 
     def _merge(self, a, m):
         return self.lane_merge * a + (1 - self.lane_merge) * m
@@ -734,33 +822,48 @@ def train_step(model, base, opts, tokens, hp, step: int, lr_mult: float, device)
         opt.zero_grad(set_to_none=True)
     return total / accum
 
-def peak_memory_line(device) -> str:
+def peak_memory(device) -> dict:
+    """Peak MiB allocated and reserved by CUDA (CPU: the max RSS for both)."""
     if device.type == "cuda":
-        return (f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
-                f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
+        return dict(allocated=torch.cuda.max_memory_allocated(device) // 2**20,
+                    reserved=torch.cuda.max_memory_reserved(device) // 2**20)
     import resource
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    return f"peak memory allocated: {rss} MiB reserved: {rss} MiB (cpu max rss)"
+    return dict(allocated=rss, reserved=rss)
 
 def peak_flops(device) -> float:
     """Dense bf16 peak per GPU, for the MFU estimate; 0 when unknown."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((v for k, v in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if k in name), 0.0)
 
-def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r_update) -> dict:
-    """Compile warmup (both graphs), then the wallclock-capped loop. Leaves the EMA in `base`."""
+def compile_warmup(hp, base: GPT, model, device, make_stream, log, ns_fn):
+    """WARMUP_STEPS real steps that compile the training graphs (the second half with recurrence on) before the
+    timer starts; the weights are restored afterwards, and the caller rebuilds the optimizers and the stream."""
+    saved = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    opts, stream = build_optimizers(base, hp, ns_fn), make_stream()
+    switch = hp.warmup_steps // 2 if base.cfg.recur_layers else hp.warmup_steps
+    for i in range(hp.warmup_steps):
+        base.recur_active = i >= switch
+        train_step(model, base, opts, to_device(stream.next_batch(), device), hp, i, 1.0, device)
+        if i + 1 <= 6 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
+            log(f"warmup_step: {i + 1}/{hp.warmup_steps}")
+    base.load_state_dict(saved)
+    base.recur_active = False
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    train_ms: float  # timed training (compile warmup and validation excluded)
+    stopped_early: bool  # by the wallclock cap
+    peak_memory_mib: dict
+    curve: dict  # train: [step, train_ms, loss, tok/s] per train_loss line; val: [step, train_ms, loss, bpb]
+
+def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r_update) -> TrainResult:
+    """Compile warmup (both graphs), then the wallclock-capped loop; val_fn() scores `base`. Leaves the EMA in
+    `base`."""
     use_recur = bool(base.cfg.recur_layers)
     if hp.use_compile and hp.warmup_steps > 0:
-        saved = {k: v.detach().clone() for k, v in base.state_dict().items()}
-        opts, stream = build_optimizers(base, hp, ns_fn), make_stream()
-        switch = hp.warmup_steps // 2 if use_recur else hp.warmup_steps
-        for i in range(hp.warmup_steps):
-            base.recur_active = i >= switch
-            train_step(model, base, opts, to_device(stream.next_batch(), device), hp, i, 1.0, device)
-            if i + 1 <= 6 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
-                log(f"warmup_step: {i + 1}/{hp.warmup_steps}")
-        base.load_state_dict(saved)  # restore weights; optimizers and the stream are rebuilt below
-        base.recur_active, saved = False, None
+        compile_warmup(hp, base, model, device, make_stream, log, ns_fn)
     opts, stream = build_optimizers(base, hp, ns_fn), make_stream()
     ema = EMA(base, hp.ema_decay)
     cap_ms = 1000 * (hp.max_wallclock_seconds - hp.gptq_reserve_seconds) if hp.max_wallclock_seconds > 0 else 0
@@ -768,6 +871,7 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
     clock = AgreedClock(device, hp.world_size)
     flops = {r: flops_per_token(base, r, hp.train_seq_len) for r in (False, True)}
     step, stop, train_ms, total_flops = 0, False, 0.0, 0.0
+    curve = dict(train=[], val=[])
     graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiles, g0 = 0, graphs()  # graphs compiled inside the timed loop (paused validation excluded)
     tokens_per_step, iters = hp.train_batch_tokens, hp.iterations
@@ -782,8 +886,9 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
             compiles += graphs() - g0
             if stop:
                 log(f"stopping_early: wallclock_cap train_time: {train_ms:.0f}ms step: {step}/{iters}")
-            r = val_fn(base)
+            r = val_fn()
             log(f"{step}/{iters} val_loss: {r['loss']:.4f} val_bpb: {r['bpb']:.4f} train_time: {train_ms / 60000:.2f}m")
+            curve["val"].append([step, round(train_ms), r["loss"], r["bpb"]])
             sync(device)
             g0, t0 = graphs(), time.perf_counter()
         if last:
@@ -805,21 +910,24 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
         if step <= 5 or (hp.train_log_every > 0 and step % hp.train_log_every == 0):
             sync(device)
             now_ms = train_ms + 1000 * (time.perf_counter() - t0)
-            log(f"{step}/{iters} train_loss: {loss.item():.4f} train_time: {now_ms / 60000:.2f}m "
-                f"tok/s: {step * tokens_per_step / (now_ms / 1000):.0f}")
+            tok_s = step * tokens_per_step / (now_ms / 1000)
+            log(f"{step}/{iters} train_loss: {loss.item():.4f} train_time: {now_ms / 60000:.2f}m tok/s: {tok_s:.0f}")
+            curve["train"].append([step, round(now_ms), loss.item(), round(tok_s)])
         if cap_ms and clock.estimate(step) >= cap_ms:
             stop = True
-    log(peak_memory_line(device))
+    peak = peak_memory(device)
+    log(f"peak memory allocated: {peak['allocated']} MiB reserved: {peak['reserved']} MiB"
+        + (" (cpu max rss)" if device.type != "cuda" else ""))
     tok_s = step * tokens_per_step / max(train_ms / 1000, 1e-9)
-    peak = peak_flops(device) * hp.world_size
-    mfu = f"{100 * total_flops / (train_ms / 1000) / peak:.1f}%" if peak else "n/a"
+    peak_all = peak_flops(device) * hp.world_size
+    mfu = f"{100 * total_flops / (train_ms / 1000) / peak_all:.1f}%" if peak_all else "n/a"
     log(f"train_summary: steps: {step} train_time: {train_ms:.0f}ms tok/s: {tok_s:.0f} mfu: {mfu} "
         f"timed_compiles: {compiles}")
     if compiles:
         log(f"WARNING: {compiles} graph(s) compiled inside the timed loop; see TORCH_LOGS=recompiles")
     log("ema:applying EMA weights")
     ema.apply_to(base)
-    return dict(steps=step, train_ms=train_ms)
+    return TrainResult(step, train_ms, stop, peak, curve)
 
 # ============================================================================ quantize / pack
 
@@ -1323,8 +1431,15 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list:
             return wins
         start += stride
 
+@dataclasses.dataclass
+class Tally:
+    t0: float  # perf_counter at the start
+    sums: torch.Tensor  # (NLL, targets, bytes), on the device
+    nll: torch.Tensor | None  # per-target NLL (DUMP_TOKEN_NLL), or None
+
 class Evaluator:
-    """Scores windows of the validation stream on this rank's share and reduces over ranks."""
+    """Scores windows of the validation stream, on this rank's share, with an NLL function (a strategy: plain,
+    SLOT, or the model TTT adapts), and reduces the sums over ranks."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_tokens: int, luts, device, rank=0, world=1,
                  compile_fn=None):
@@ -1336,7 +1451,7 @@ class Evaluator:
         self.batch = max(1, min(batch_tokens // (seq_len * world), cap))
         self.rows = 0 if device.type == "cuda" else max(1, (1 << 21) // len(luts[0]))  # CPU head: 8 MiB logits
         self.luts = tuple(t.to(device) for t in luts)
-        self.compile_fn, self._scorers = compile_fn, {}
+        self.compile_fn = compile_fn
 
     def windows(self, idx, length=None):
         """(x, y): `length` (default L) inputs starting at each of idx (b,), and the targets one token on."""
@@ -1346,7 +1461,7 @@ class Evaluator:
     def batches(self, wins):
         """This rank's contiguous share of `wins` as (starts, first_scored) batches of equal first_scored."""
         mine = wins[self.rank * len(wins) // self.world:(self.rank + 1) * len(wins) // self.world]
-        starts = torch.tensor([w[0] for w in mine], dtype=torch.long).to(self.device)  # one copy per evaluation
+        starts = torch.tensor([w[0] for w in mine], dtype=torch.long).to(self.device)  # one copy per call
         i = 0
         while i < len(mine):
             j = min(i + self.batch, len(mine))
@@ -1354,93 +1469,105 @@ class Evaluator:
             yield starts[i:j], mine[i][1]
             i = j
 
-    def score(self, model, starts, s0, totals, dump, slot=None):
-        """NLL of the scored positions (>= s0) of the windows at `starts`, added to totals (and dump)."""
-        x, y = self.windows(starts)
-        if slot is not None:
-            nll = slot_nll(model, x, y, s0, *slot, self.device)
-        else:
-            if id(model) not in self._scorers:
-                self._scorers[id(model)] = self.compile_fn(model.forward_nll) if self.compile_fn else model.forward_nll
-            pad = self.batch - len(starts) if self.compile_fn else 0  # keep compiled shapes static
+    def plain(self, model):
+        """NLL function of `model` as it is: no_grad, compiled once (static shapes: short batches are padded).
+        Build it once per model and reuse it: each build compiles again."""
+        fn = self.compile_fn(model.forward_nll) if self.compile_fn else model.forward_nll
+
+        def nll(x, y, s0):
+            pad = self.batch - len(x) if self.compile_fn else 0
             xp, yp = (torch.cat([x, x[-1:].expand(pad, -1)]), torch.cat([y, y[-1:].expand(pad, -1)])) if pad else (x, y)
             with torch.no_grad(), autocast_ctx(self.device):
-                nll = self._scorers[id(model)](xp, yp, s0, self.rows)[:len(starts)].float()
-        totals[0] += nll.double().sum()  # device-side sums: no host sync per batch
-        totals[1] += nll.numel()
-        totals[2] += count_bytes(x[:, s0:], y[:, s0:], self.luts).sum()
-        if dump is not None:
-            dump[(starts[:, None] + torch.arange(s0, self.L, device=self.device)).reshape(-1)] = nll.reshape(-1)
+                return fn(xp, yp, s0, self.rows)[:len(x)].float()
+        return nll
 
-    def finish(self, totals, dump, t0) -> dict:
+    def slot(self, model, steps: int, lr: float):
+        """NLL function of context-only SLOT (slot_nll) on `model`."""
+        return lambda x, y, s0: slot_nll(model, x, y, s0, steps, lr, self.device)
+
+    def start(self, dump: bool) -> Tally:
+        sync(self.device)
+        return Tally(time.perf_counter(), torch.zeros(3, dtype=torch.float64, device=self.device),
+                     torch.zeros(self.n, device=self.device) if dump else None)
+
+    def score(self, nll_fn, wins, tally: Tally):
+        """Adds the NLL of every scored position of this rank's share of `wins` to the tally (and its dump)."""
+        for starts, s0 in self.batches(wins):
+            x, y = self.windows(starts)
+            nll = nll_fn(x, y, s0)
+            tally.sums[0] += nll.double().sum()  # device-side sums: no host sync per batch
+            tally.sums[1] += nll.numel()
+            tally.sums[2] += count_bytes(x[:, s0:], y[:, s0:], self.luts).sum()
+            if tally.nll is not None:
+                idx = starts[:, None] + torch.arange(s0, self.L, device=self.device)
+                tally.nll[idx.reshape(-1)] = nll.reshape(-1)
+
+    def finish(self, tally: Tally) -> dict:
+        """(loss, bpb, ms, nll): the sums over all ranks; every target must have been scored exactly once."""
         if self.world > 1:
-            dist.all_reduce(totals)
-            if dump is not None:
-                dist.all_reduce(dump)
-        nll, n, nbytes = totals.tolist()  # waits for the device
+            dist.all_reduce(tally.sums)
+            if tally.nll is not None:
+                dist.all_reduce(tally.nll)
+        nll, n, nbytes = tally.sums.tolist()  # waits for the device
         if int(n) != self.n:
             raise RuntimeError(f"scored {int(n)} targets, expected exactly {self.n}")
-        return dict(loss=nll / n, bpb=nll / (math.log(2) * nbytes), ms=1000 * (time.perf_counter() - t0),
-                    nll=None if dump is None else dump.cpu().numpy())
+        return dict(loss=nll / n, bpb=nll / (math.log(2) * nbytes), ms=1000 * (time.perf_counter() - tally.t0),
+                    nll=None if tally.nll is None else tally.nll.cpu().numpy())
 
-    def start(self, dump: bool) -> tuple:
-        sync(self.device)
-        return (time.perf_counter(), torch.zeros(3, dtype=torch.float64, device=self.device),
-                torch.zeros(self.n, device=self.device) if dump else None)
-
-    def evaluate(self, model, stride: int, dump=False, slot=None) -> dict:
+    def evaluate(self, nll_fn, stride: int, dump=False) -> dict:
         """Sliding-window eval (stride = seq_len gives the plain non-overlapping eval): (loss, bpb, ms, nll)."""
-        t0, totals, buf = self.start(dump)
-        for starts, s0 in self.batches(sliding_windows(self.n, self.L, stride)):
-            self.score(model, starts, s0, totals, buf, slot)
-        return self.finish(totals, buf, t0)
+        tally = self.start(dump)
+        self.score(nll_fn, sliding_windows(self.n, self.L, stride), tally)
+        return self.finish(tally)
 
-    def evaluate_ttt(self, model, hp, dump=False, log=print) -> dict:
-        """Legal score-first TTT: chunk c's windows are scored under no_grad with the weights adapted on
-        chunks < c only; then the model trains on chunk c's (already scored) tokens."""
-        t0, totals, buf = self.start(dump)
-        m = copy.deepcopy(model).requires_grad_(True)
-        for blk in m.blocks[:hp.ttt_freeze_blocks]:
-            blk.requires_grad_(False)
-        params = [p for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-        C = hp.ttt_chunk_tokens
-        n_chunks = math.ceil(self.n / C)
-        by_chunk = [[] for _ in range(n_chunks)]
-        for w in sliding_windows(self.n, self.L, hp.eval_stride):
-            by_chunk[(w[0] + w[1]) // C].append(w)  # by the first target it scores
-        for c in range(n_chunks):
-            for starts, s0 in self.batches(by_chunk[c]):
-                self.score(m, starts, s0, totals, buf)
-            if c == n_chunks - 1 or hp.ttt_epochs == 0:
-                continue
-            lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(1, n_chunks - 1)))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            lo, hi = c * C, min((c + 1) * C, self.n)  # targets lo+1..hi, all scored by now
-            seqs = [(s, min(s + self.L, hi)) for s in range(lo, hi, self.L)]
-            for _ in range(hp.ttt_epochs):
-                for b0 in range(0, len(seqs), hp.ttt_batch_seqs):
-                    group = seqs[b0:b0 + hp.ttt_batch_seqs]
-                    n_tgt, mine = sum(e - s for s, e in group), group[self.rank::self.world]
-                    for length in sorted({e - s for s, e in mine}):
-                        x, y = self.windows(torch.tensor([s for s, e in mine if e - s == length],
-                                                         device=self.device), length)
-                        with autocast_ctx(self.device):
-                            loss = m(x, y) * (len(x) * length / n_tgt)
-                        loss.backward()
-                    for p in params:
-                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-                        if self.world > 1:
-                            dist.all_reduce(p.grad)
-                    if hp.ttt_grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            if (c + 1) % max(1, n_chunks // 10) == 0:
-                log(f"ttt_chunk [{c + 1}/{n_chunks}] lr: {lr:.6f}")
-        self._scorers.pop(id(m), None)  # the adapted copy is done with
-        return self.finish(totals, buf, t0)
+def evaluate_ttt(ev: Evaluator, model, hp: Hyperparameters, dump=False, log=print) -> dict:
+    """Legal score-first TTT: chunk c's windows are scored under no_grad with the weights adapted on
+    chunks < c only; then a copy of the model trains on chunk c's (already scored) tokens."""
+    tally = ev.start(dump)
+    m = copy.deepcopy(model).requires_grad_(True)
+    for blk in m.blocks[:hp.ttt_freeze_blocks]:
+        blk.requires_grad_(False)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+    nll_fn = ev.plain(m)
+    C = hp.ttt_chunk_tokens
+    n_chunks = math.ceil(ev.n / C)
+    by_chunk = [[] for _ in range(n_chunks)]
+    for w in sliding_windows(ev.n, ev.L, hp.eval_stride):
+        by_chunk[(w[0] + w[1]) // C].append(w)  # by the first target it scores
+    for c in range(n_chunks):
+        ev.score(nll_fn, by_chunk[c], tally)
+        if c == n_chunks - 1 or hp.ttt_epochs == 0:
+            continue
+        lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(1, n_chunks - 1)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        lo, hi = c * C, min((c + 1) * C, ev.n)  # targets lo+1..hi, all scored by now
+        seqs = [(s, min(s + ev.L, hi)) for s in range(lo, hi, ev.L)]
+        for _ in range(hp.ttt_epochs):
+            for b0 in range(0, len(seqs), hp.ttt_batch_seqs):
+                ttt_step(ev, m, params, opt, seqs[b0:b0 + hp.ttt_batch_seqs], hp.ttt_grad_clip)
+        if (c + 1) % max(1, n_chunks // 10) == 0:
+            log(f"ttt_chunk [{c + 1}/{n_chunks}] lr: {lr:.6f}")
+    return ev.finish(tally)
+
+def ttt_step(ev: Evaluator, m, params, opt, group, grad_clip: float):
+    """One SGD step on the (start, end) target ranges of `group`, split over ranks; the loss is the mean over
+    the group's targets whatever the split."""
+    n_tgt, mine = sum(e - s for s, e in group), group[ev.rank::ev.world]
+    for length in sorted({e - s for s, e in mine}):
+        x, y = ev.windows(torch.tensor([s for s, e in mine if e - s == length], device=ev.device), length)
+        with autocast_ctx(ev.device):
+            loss = m(x, y) * (len(x) * length / n_tgt)
+        loss.backward()
+    for p in params:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        if ev.world > 1:
+            dist.all_reduce(p.grad)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 def slot_nll(model, x, y, s0: int, steps: int, lr: float, device):
     """Context-only SLOT: one additive delta per window (b, 1, d) on the final hidden state, fitted with
@@ -1463,10 +1590,22 @@ def slot_nll(model, x, y, s0: int, steps: int, lr: float, device):
 
 # ============================================================================ main
 
-def preflight(hp: Hyperparameters) -> dict:
+@dataclasses.dataclass
+class Inputs:
+    """What preflight found and checked: everything a run reads, before any GPU work."""
+    train: list  # training shard paths
+    val: list  # validation shard paths
+    tokenizer: str
+    sp: object  # the SentencePiece processor
+    val_tokens: np.ndarray
+    artifact: tuple | None = None  # EVAL_ONLY: (ModelConfig, entries)
+    checkpoint: tuple | None = None  # EXPORT_ONLY: (ModelConfig, state dict)
+
+def preflight(hp: Hyperparameters) -> Inputs:
     """Check everything a run needs before any GPU work; nothing is written."""
     train, val, tok = data_paths(hp)
-    get = f"run `python data/prepare.py download --variant sp{hp.vocab_size}` or set DATA_DIR"
+    vocab = hp.model.vocab_size
+    get = f"run `python data/prepare.py download --variant sp{vocab}` or set DATA_DIR"
     if not Path(tok).is_file():
         raise ConfigError(f"tokenizer not found at {tok}: {get} (or TOKENIZER_PATH)")
     import sentencepiece as spm
@@ -1477,8 +1616,8 @@ def preflight(hp: Hyperparameters) -> dict:
     if sp.id_to_piece(sp.piece_to_id("\u2581")) != "\u2581":
         raise ConfigError(f"tokenizer {tok} has no piece that is U+2581 alone (the space marker): every space would "
                           "count as its 3 UTF-8 bytes and val_bpb would come out too low (upstream issue #897)")
-    if sp.get_piece_size() != hp.vocab_size:
-        raise ConfigError(f"tokenizer {tok} has {sp.get_piece_size()} pieces but VOCAB_SIZE={hp.vocab_size}")
+    if sp.get_piece_size() != vocab:
+        raise ConfigError(f"tokenizer {tok} has {sp.get_piece_size()} pieces but VOCAB_SIZE={vocab}")
     if not train and not hp.eval_only:  # EXPORT_ONLY calibrates on training data
         raise ConfigError(f"no training shards match {hp.train_files or 'DATA_DIR/datasets/*/fineweb_train_*.bin'}"
                           f" (DATA_DIR={hp.data_dir}): {get} (or TRAIN_FILES)")
@@ -1490,19 +1629,19 @@ def preflight(hp: Hyperparameters) -> dict:
             artifact = load_artifact(hp.eval_only)
         except Exception as e:
             raise ConfigError(f"EVAL_ONLY={hp.eval_only}: cannot load artifact ({e})") from None
-        if artifact[0].vocab_size != hp.vocab_size:
-            raise ConfigError(f"EVAL_ONLY artifact has vocab {artifact[0].vocab_size}, VOCAB_SIZE={hp.vocab_size}")
+        if artifact[0].vocab_size != vocab:
+            raise ConfigError(f"EVAL_ONLY artifact has vocab {artifact[0].vocab_size}, VOCAB_SIZE={vocab}")
         hp.eval_seq_len = hp.eval_seq_len or artifact[0].max_seq_len  # unless set: the run's sequence length
         hp.validate()
-    checkpoint = load_checkpoint(Path(hp.export_only), ModelConfig.from_hparams(hp)) if hp.export_only else None
+    checkpoint = load_checkpoint(Path(hp.export_only), hp.model_config()) if hp.export_only else None
     try:
         for p in train + val:
             read_shard_header(p)
         val_tokens = load_val_tokens(val, hp.eval_seq_len)
     except ShardError as e:
         raise ConfigError(f"{e}: re-download or rebuild it with data/prepare.py") from None
-    if val_tokens.max() >= hp.vocab_size:
-        raise ConfigError(f"validation holds token id {val_tokens.max()} >= VOCAB_SIZE={hp.vocab_size}: wrong data?")
+    if val_tokens.max() >= vocab:
+        raise ConfigError(f"validation holds token id {val_tokens.max()} >= VOCAB_SIZE={vocab}: wrong data?")
     if not hp.eval_only and Path(__file__).stat().st_size >= hp.artifact_bytes_limit:
         raise ConfigError(f"code alone is {Path(__file__).stat().st_size} bytes, over ARTIFACT_BYTES_LIMIT="
                           f"{hp.artifact_bytes_limit}")
@@ -1510,8 +1649,7 @@ def preflight(hp: Hyperparameters) -> dict:
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output folder {out} is not writable: set OUT_DIR to a writable folder")
-    return dict(train=train, val=val, tokenizer=tok, sp=sp, val_tokens=val_tokens, artifact=artifact,
-                checkpoint=checkpoint)
+    return Inputs(train, val, tok, sp, val_tokens, artifact, checkpoint)
 
 def ensure_smoke_data(hp: Hyperparameters):
     """SMOKE=1: build shards from the embedded sample once (data/prepare.py sample)."""
@@ -1652,27 +1790,44 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unavailable"
 
-def environment_lines(hp, device, attn_label: str, data: dict) -> list:
+def environment(hp: Hyperparameters, device, attn_label: str, inputs: Inputs) -> dict:
+    """What the run ran on: the env: lines and the summary's env."""
     cuda = device.type == "cuda"
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
-    gpu = ", ".join(f"{n} x{names.count(n)}" for n in dict.fromkeys(names)) or f"none (cpu, {os.cpu_count()} cores)"
-    return [
-        f"code_sha256: {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}",
-        f"env: python: {platform.python_version()}",
-        f"env: torch: {torch.__version__}",
-        f"env: cuda: {torch.version.cuda if cuda else None}",
-        f"env: cudnn: {torch.backends.cudnn.version() if cuda else None}",
-        f"env: nccl: {'.'.join(map(str, torch.cuda.nccl.version())) if cuda else None}",
-        f"env: gpu: {gpu}",
-        f"env: world_size: {hp.world_size} grad_accum: {hp.grad_accum}",
-        f"env: attention_backend: {attn_label}",
-        f"env: compile: {hp.use_compile}",
-        f"env: git_commit: {git_commit()}",
-        f"env: tokenizer: {data['tokenizer']}",
-        f"env: tokenizer_sha256: {hashlib.sha256(Path(data['tokenizer']).read_bytes()).hexdigest()}",
-        f"env: data_fingerprint: {shard_fingerprint(data['train'] + data['val'])} "
-        f"(train_shards: {len(data['train'])} val_shards: {len(data['val'])})",
-    ]
+    gpus = ", ".join(f"{n} x{names.count(n)}" for n in dict.fromkeys(names))
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "gpu": gpus or f"none (cpu, {os.cpu_count()} cores)",
+        "gpu_name": names[0] if names else None,
+        "gpu_count": len(names),
+        "world_size": hp.world_size,
+        "grad_accum": hp.grad_accum,
+        "attention_backend": attn_label,
+        "compile": hp.use_compile,
+        "git_commit": git_commit(),
+        "tokenizer": inputs.tokenizer,
+        "tokenizer_sha256": hashlib.sha256(Path(inputs.tokenizer).read_bytes()).hexdigest(),
+        "data_fingerprint": shard_fingerprint(inputs.train + inputs.val),
+        "train_shards": len(inputs.train),
+        "val_shards": len(inputs.val),
+    }
+
+def environment_lines(env: dict) -> list:
+    """The env: lines in upstream's format: grad_accum beside world_size, shard counts beside the fingerprint."""
+    lines = []
+    for k, v in env.items():
+        if k == "world_size":
+            v = f"{v} grad_accum: {env['grad_accum']}"
+        elif k == "data_fingerprint":
+            v = f"{v} (train_shards: {env['train_shards']} val_shards: {env['val_shards']})"
+        elif k in ("gpu_name", "gpu_count", "grad_accum", "train_shards", "val_shards"):
+            continue
+        lines.append(f"env: {k}: {v}")
+    return lines
 
 def build_model(cfg: ModelConfig, device, attn_mode: str) -> GPT:
     model = GPT(cfg).to(device)
@@ -1683,25 +1838,178 @@ def build_model(cfg: ModelConfig, device, attn_mode: str) -> GPT:
             m.backend = attn_mode
     return model
 
-def final_evals(hp, cfg: ModelConfig, entries: dict, evaluator: Evaluator, device, attn_mode, log) -> dict:
-    """Dequantize the artifact into a fresh model and run every enabled evaluation."""
-    model = build_model(cfg, device, attn_mode)
-    model.load_state_dict({k: v.to(device) for k, v in dequantize_entries(entries).items()})
+@dataclasses.dataclass
+class Session:
+    """A started run: settings, inputs, device, the model config, the attention kernel, the log, the evaluator."""
+    hp: Hyperparameters
+    inputs: Inputs
+    device: torch.device
+    cfg: ModelConfig  # the artifact's (EVAL_ONLY), the checkpoint's (EXPORT_ONLY) or the settings'
+    attn_mode: str
+    log: object  # rank 0: stdout and the log file; other ranks: nothing
+    log_path: Path
+    env: dict
+    code_sha256: str
+    code_bytes: int
+    evaluator: Evaluator
+
+    @property
+    def artifact_path(self) -> Path:
+        return Path(self.hp.out_dir) / "final_model.int6.ptz"
+
+    def stream(self, seed: int, seqs: int) -> TrainStream:
+        h = self.hp
+        return TrainStream(self.inputs.train, h.train_seq_len, seqs, h.rank, h.world_size, seed)
+
+def start_run(hp: Hyperparameters, inputs: Inputs) -> Session:
+    """Device and process group, the model config, the attention kernel, then the log's header: run id,
+    environment, settings, validation size."""
+    device = init_runtime(hp)
+    cfg = inputs.artifact[0] if hp.eval_only else inputs.checkpoint[0] if hp.export_only else hp.model_config()
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, hp.eval_seq_len, 0 if hp.eval_only else
+                                                   hp.train_seq_len))
+    compile_fn = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if hp.use_compile else None
+    attn_mode, attn_label, attn_rejected = select_attention(hp, device, cfg, compile_fn)
+    hp.run_id = hp.run_id or str(uuid.uuid4())
+    if hp.rank == 0:
+        (Path(hp.out_dir) / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = run_log_path(hp)
+    log = make_logger(log_path, hp.rank == 0)
+    log(f"run_id: {hp.run_id} started: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+    code = Path(__file__).read_bytes()  # the file that runs: the wrapper, when wrapped
+    code_sha256, env = hashlib.sha256(code).hexdigest(), environment(hp, device, attn_label, inputs)
+    log(f"code_sha256: {code_sha256}")
+    for line in environment_lines(env) + [f"attention_probe: rejected {r}" for r in attn_rejected] + hp.lines():
+        log(line)
+    luts = build_byte_luts(inputs.sp, hp.model.vocab_size)
+    evaluator = Evaluator(inputs.val_tokens, hp.eval_seq_len, hp.val_batch_tokens, luts, device, hp.rank,
+                          hp.world_size, compile_fn)
+    val = torch.from_numpy(inputs.val_tokens.astype(np.int64))
+    log(f"train_shards: {len(inputs.train)}")
+    log(f"val_tokens: {evaluator.n}")
+    log(f"val_bytes: {int(count_bytes(val[:-1], val[1:], luts).sum())}")
+    return Session(hp, inputs, device, cfg, attn_mode, log, log_path, env, code_sha256, len(code), evaluator)
+
+@dataclasses.dataclass
+class Trained:
+    model: GPT  # the EMA weights (EXPORT_ONLY: the checkpoint's)
+    cfg: ModelConfig  # as trained: no recurrence if it never switched on
+    score: object  # the evaluator's NLL function of `model`
+    result: TrainResult | None  # None under EXPORT_ONLY
+
+def train_or_load(s: Session) -> Trained:
+    """Train from SEED's init, or (EXPORT_ONLY) load the checkpoint."""
+    hp = s.hp
+    torch.manual_seed(hp.seed)
+    base = build_model(s.cfg, s.device, s.attn_mode)
+    s.log(f"model_params:{sum(p.numel() for p in base.parameters())}")
+    if hp.export_only:
+        base.load_state_dict(s.inputs.checkpoint[1])
+        base.recur_active = bool(s.cfg.recur_layers)
+        s.log(f"export_only: {hp.export_only} model config: {dataclasses.asdict(s.cfg)}")
+        return Trained(base, s.cfg, s.evaluator.plain(base), None)
+    model = torch.compile(base, dynamic=False, fullgraph=True) if hp.use_compile else base
+    if hp.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[s.device.index] if s.device.type == "cuda" else None, broadcast_buffers=False)
+    ns_fn = torch.compile(muoneq_r_update) if hp.use_compile else muoneq_r_update
+    score = s.evaluator.plain(base)
+    result = train(hp, base, model, s.device, lambda: s.stream(hp.seed, hp.train_seqs),
+                   lambda: s.evaluator.evaluate(score, s.evaluator.L), s.log, ns_fn)
+    cfg = s.cfg if base.recur_active else dataclasses.replace(s.cfg, recur_layers=())  # never switched on: as trained
+    return Trained(base, cfg, score, result)
+
+@dataclasses.dataclass
+class Quantized:
+    entries: dict  # name -> codes and steps (or fp16 data)
+    blob: bytes  # the compressed artifact (rank 0)
+    predicted: float  # predicted model bytes
+    compress_ms: float  # the verifying compression(s), timed apart from the search
+    hessians: dict
+    gptq_ms: float  # calibration + search: counts as training
+
+def quantize(s: Session, trained: Trained) -> Quantized | None:
+    """GPTQ calibration on training data and the rate search, inside the training budget, spread over ranks.
+    None when the limit cannot be met (logged)."""
+    hp, log = s.hp, s.log
+    sync(s.device)
+    t0 = time.perf_counter()
+    calib = s.stream(hp.seed + 1, hp.train_seqs // hp.grad_accum)  # one micro-batch per rank per call
+    n_batches = max(1, hp.gptq_calibration_batches // hp.world_size)
+    hessians = collect_hessians(trained.model, (calib.next_batch() for _ in range(n_batches)), s.device,
+                                hp.world_size)
+    sync(s.device)
+    hess_ms = 1000 * (time.perf_counter() - t0)
+    search = RateSearch(trained.model, hessians, hp.gptq_enabled, hp.rank, hp.world_size)
+    try:
+        entries, blob, knob, predicted, search_ms, compress_ms = export_model(
+            search, trained.cfg, s.code_bytes, hp.artifact_bytes_limit, s.device, log)
+    except FitError as e:
+        log(f"error: {e}")
+        return None
+    gptq_ms = hess_ms + search_ms
+    log(f"gptq:hessians {len(hessians)} from {n_batches * hp.world_size} batches in {hess_ms:.0f}ms")
+    kinds = {k: [e.get("q", e.get("data")).numel() for e in entries.values() if e["kind"] == k] for k in STREAMS}
+    log(f"gptq:quantized in {search_ms:.0f}ms ({'full GPTQ' if hp.gptq_enabled else 'round-to-nearest'}): "
+        + " ".join(f"{k}: {len(v)} tensors / {sum(v)} params" for k, v in kinds.items() if k != "scale"))
+    for line in search.report(entries, knob, predicted + s.code_bytes, hp.artifact_bytes_limit):
+        log(line)
+    if gptq_ms > 1000 * hp.gptq_reserve_seconds:
+        log(f"WARNING: GPTQ took {gptq_ms:.0f}ms, over GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}")
+    train_ms = trained.result.train_ms if trained.result else 0.0
+    log(f"training_budget: train_ms: {train_ms:.0f} gptq_ms: {gptq_ms:.0f} "
+        f"total_ms: {train_ms + gptq_ms:.0f} limit_ms: {1000 * hp.max_wallclock_seconds:.0f}")
+    return Quantized(entries, blob, predicted, compress_ms, hessians, gptq_ms)
+
+def write_artifact(s: Session, trained: Trained, q: Quantized) -> int | None:
+    """Rank 0 saves final_model.pt (after training), prunes what is still over the limit, writes the artifact and
+    checks it unpacks to the quantizer's tensors. Returns its bytes (0 on other ranks), None on failure."""
+    hp, log = s.hp, s.log
+    status, size = torch.zeros(1, device=s.device), 0
+    if hp.rank == 0:
+        if not hp.export_only:
+            log(f"Serialized model: {save_checkpoint(Path(hp.out_dir) / 'final_model.pt', trained.model, trained.cfg)}"
+                " bytes")
+        log(f"Code size: {s.code_bytes} bytes")
+        try:
+            t0 = time.perf_counter()
+            packed, blob = prune_to_fit(q.entries, q.blob, trained.cfg, q.hessians, s.code_bytes,
+                                        hp.artifact_bytes_limit, log)
+            write_atomic(s.artifact_path, blob)
+            size = s.artifact_path.stat().st_size
+            write_ms = q.compress_ms + 1000 * (time.perf_counter() - t0)
+            log(f"export: predicted {q.predicted:.0f} actual {size} model bytes "
+                f"({100 * (size / q.predicted - 1):+.2f}%), compress+write {write_ms:.0f}ms")
+            log(f"Serialized model int6+brotli: {size} bytes")
+            log(f"Total submission size int6+brotli: {size + s.code_bytes} bytes")
+            check_roundtrip(packed, load_artifact(s.artifact_path)[1])
+            status += 1
+        except FitError as e:
+            log(f"error: {e}")
+    if hp.world_size > 1:
+        dist.broadcast(status, 0)
+    return size if status.item() else None
+
+def final_evals(s: Session, cfg: ModelConfig, entries: dict) -> dict:
+    """Dequantize the artifact into a fresh model and run every enabled evaluation strategy: name -> result."""
+    hp, ev, log = s.hp, s.evaluator, s.log
+    model = build_model(cfg, s.device, s.attn_mode)
+    model.load_state_dict({k: v.to(s.device) for k, v in dequantize_entries(entries).items()})
     model.recur_active = bool(cfg.recur_layers)
     model.requires_grad_(False)
-    runs = [("final_int6_roundtrip", lambda d: evaluator.evaluate(model, evaluator.L, dump=d))]
+    plain = ev.plain(model)
+    runs = [("final_int6_roundtrip", "", lambda d: ev.evaluate(plain, ev.L, d))]  # (name, dump suffix, eval)
     if hp.sliding_window_enabled:
-        runs.append(("final_int6_sliding_window", lambda d: evaluator.evaluate(model, hp.eval_stride, dump=d)))
+        runs.append(("final_int6_sliding_window", "", lambda d: ev.evaluate(plain, hp.eval_stride, d)))
     reported = runs[-1][0]
     if hp.ttt_enabled:
-        runs.append(("final_int6_ttt", lambda d: evaluator.evaluate_ttt(model, hp, dump=d, log=log)))
+        runs.append(("final_int6_ttt", ".ttt", lambda d: evaluate_ttt(ev, model, hp, d, log)))
     if hp.slot_enabled:
         log("slot: context-only SLOT is an eval-time optimization; its score is a non-record result")
-        runs.append(("final_int6_slot", lambda d: evaluator.evaluate(
-            model, hp.eval_stride, dump=d, slot=(hp.slot_steps, hp.slot_lr))))
+        runs.append(("final_int6_slot", ".slot",
+                     lambda d: ev.evaluate(ev.slot(model, hp.slot_steps, hp.slot_lr), hp.eval_stride, d)))
     results, total_ms = {}, 0.0
-    for name, fn in runs:
-        suffix = {"final_int6_ttt": ".ttt", "final_int6_slot": ".slot"}.get(name, "")
+    for name, suffix, fn in runs:
         dump = hp.dump_token_nll and (name == reported or suffix)
         r = fn(bool(dump))
         total_ms += r["ms"]
@@ -1716,6 +2024,77 @@ def final_evals(hp, cfg: ModelConfig, entries: dict, evaluator: Evaluator, devic
     if total_ms > 600_000:
         log(f"WARNING: evaluations took {total_ms / 1000:.0f}s, over the challenge's 600s evaluation limit")
     return results
+
+def summary(s: Session, model_bytes: int, evals: dict, trained=None, q=None, pre=None) -> dict:
+    """The run's machine-readable record, logged last as `summary: {json}` (make_record.py reads it)."""
+    hp, r = s.hp, trained.result if trained else None
+    reported = "final_int6_sliding_window" if "final_int6_sliding_window" in evals else "final_int6_roundtrip"
+    train_ms = r.train_ms if r else 0.0
+    result = lambda e: dict(val_loss=e["loss"], val_bpb=e["bpb"], eval_ms=round(e["ms"]))
+    return {
+        "run_id": hp.run_id,
+        "mode": "eval_only" if hp.eval_only else "export_only" if hp.export_only else "train",
+        "seed": hp.seed,
+        "code_sha256": s.code_sha256,
+        "code_bytes": s.code_bytes,
+        "model_bytes": model_bytes,
+        "total_bytes": model_bytes + s.code_bytes,
+        "bytes_limit": hp.artifact_bytes_limit,
+        "steps": r.steps if r else None,
+        "stopped_early": r.stopped_early if r else None,
+        "train_ms": round(train_ms) if q else None,
+        "gptq_ms": round(q.gptq_ms) if q else None,
+        "train_total_ms": round(train_ms + q.gptq_ms) if q else None,
+        "train_limit_ms": round(1000 * hp.max_wallclock_seconds) if q else None,
+        "pre_quant": result(pre) if pre else None,
+        "scores": {name: result(e) for name, e in evals.items()},
+        "score_line": reported,
+        "val_loss": evals[reported]["loss"],
+        "val_bpb": evals[reported]["bpb"],
+        "eval_total_ms": round(sum(e["ms"] for e in evals.values())),
+        "peak_memory_mib": r.peak_memory_mib if r else None,
+        "env": s.env,
+        "settings": hp.non_default,
+        "curve": r.curve if r else dict(train=[], val=[]),
+    }
+
+def strict_json(x) -> str:
+    """JSON without NaN or infinity (they become null), so any JSON reader takes the summary line."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(u) for k, u in v.items()}
+        return [clean(u) for u in v] if isinstance(v, (list, tuple)) else v
+    return json.dumps(clean(x), allow_nan=False)
+
+def run(hp: Hyperparameters, inputs: Inputs) -> int:
+    """The pipeline: start, train (or load EXPORT_ONLY's checkpoint), quantize, evaluate the raw weights, write
+    the artifact, evaluate it; EVAL_ONLY only evaluates its artifact. The last line is the summary."""
+    s = start_run(hp, inputs)
+    if hp.eval_only:
+        size = Path(hp.eval_only).stat().st_size
+        s.log(f"eval_only: {hp.eval_only} model config from the artifact: {dataclasses.asdict(s.cfg)}")
+        s.log(f"Serialized model int6+brotli: {size} bytes")
+        s.log(f"Code size: {s.code_bytes} bytes")
+        s.log(f"Total submission size int6+brotli: {size + s.code_bytes} bytes")
+        evals = final_evals(s, s.cfg, inputs.artifact[1])
+        s.log("summary: " + strict_json(summary(s, size, evals)))
+        return 0
+    trained = train_or_load(s)
+    q = quantize(s, trained)
+    if q is None:
+        return 1
+    pre = s.evaluator.evaluate(trained.score, s.evaluator.L)
+    s.log(f"pre-quantization post-ema val_loss:{pre['loss']:.8f} val_bpb:{pre['bpb']:.8f} eval_time:{pre['ms']:.0f}ms")
+    model_bytes = write_artifact(s, trained, q)
+    if model_bytes is None:
+        return 1
+    evals = final_evals(s, trained.cfg, load_artifact(s.artifact_path)[1])
+    s.log(f"artifact: {s.artifact_path.resolve()}")
+    s.log(f"log: {s.log_path.resolve()}")
+    s.log("summary: " + strict_json(summary(s, model_bytes, evals, trained, q, pre)))
+    return 0
 
 def report_failure(hp, text: str):
     """stderr, and on rank 0 the run's log file too (once it exists)."""
@@ -1824,119 +2203,6 @@ def main(env=None) -> int:
     if first != text and rc == 1:
         report_failure(hp, f"error: rank {hp.rank}'s error above may follow from a peer's earlier one:\n{first}")
     wd.exit(rc)
-
-def run(hp: Hyperparameters, data: dict) -> int:
-    device = init_runtime(hp)
-    cfg = data["artifact"][0] if hp.eval_only else data["checkpoint"][0] if hp.export_only else \
-        ModelConfig.from_hparams(hp)
-    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, hp.eval_seq_len, 0 if hp.eval_only else
-                                                   hp.train_seq_len))
-    compile_fn = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if hp.use_compile else None
-    attn_mode, attn_label, attn_rejected = select_attention(hp, device, cfg, compile_fn)
-    is_main = hp.rank == 0
-    out = Path(hp.out_dir)
-    hp.run_id = hp.run_id or str(uuid.uuid4())
-    if is_main:
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-    log_path = run_log_path(hp)
-    log = make_logger(log_path, is_main)
-    log(f"run_id: {hp.run_id} started: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
-    for line in environment_lines(hp, device, attn_label, data) + [f"attention_probe: rejected {r}" for r in
-                                                                     attn_rejected] + hp.lines():
-        log(line)
-    luts = build_byte_luts(data["sp"], hp.vocab_size)
-    evaluator = Evaluator(data["val_tokens"], hp.eval_seq_len, hp.val_batch_tokens, luts, device, hp.rank,
-                          hp.world_size, compile_fn)
-    val = torch.from_numpy(data["val_tokens"].astype(np.int64))
-    log(f"train_shards: {len(data['train'])}")
-    log(f"val_tokens: {evaluator.n}")
-    log(f"val_bytes: {int(count_bytes(val[:-1], val[1:], luts).sum())}")
-    code_bytes = Path(__file__).stat().st_size
-    artifact_path = out / "final_model.int6.ptz"
-    if hp.eval_only:
-        size = Path(hp.eval_only).stat().st_size
-        log(f"eval_only: {hp.eval_only} model config from the artifact: {dataclasses.asdict(cfg)}")
-        log(f"Serialized model int6+brotli: {size} bytes")
-        log(f"Code size: {code_bytes} bytes")
-        log(f"Total submission size int6+brotli: {size + code_bytes} bytes")
-        final_evals(hp, cfg, data["artifact"][1], evaluator, device, attn_mode, log)
-        return 0
-
-    stream = lambda seed, seqs: TrainStream(data["train"], hp.train_seq_len, seqs, hp.rank, hp.world_size, seed)
-    torch.manual_seed(hp.seed)
-    base = build_model(cfg, device, attn_mode)
-    log(f"model_params:{sum(p.numel() for p in base.parameters())}")
-    if hp.export_only:
-        base.load_state_dict(data["checkpoint"][1])
-        base.recur_active = bool(cfg.recur_layers)
-        log(f"export_only: {hp.export_only} model config: {dataclasses.asdict(cfg)}")
-        train_ms = 0.0
-    else:
-        model = torch.compile(base, dynamic=False, fullgraph=True) if hp.use_compile else base
-        if hp.world_size > 1:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-        ns_fn = torch.compile(muoneq_r_update) if hp.use_compile else muoneq_r_update
-        train_ms = train(hp, base, model, device, lambda: stream(hp.seed, hp.train_seqs),
-                         lambda m: evaluator.evaluate(m, evaluator.L), log, ns_fn)["train_ms"]
-        cfg = cfg if base.recur_active else dataclasses.replace(cfg, recur_layers=())  # never switched on: as trained
-
-    # GPTQ calibration on training data and the rate search: inside the training budget, spread over ranks
-    sync(device)
-    t0 = time.perf_counter()
-    calib = stream(hp.seed + 1, hp.train_seqs // hp.grad_accum)  # one micro-batch per rank per call
-    n_batches = max(1, hp.gptq_calibration_batches // hp.world_size)
-    hessians = collect_hessians(base, (calib.next_batch() for _ in range(n_batches)), device, hp.world_size)
-    sync(device)
-    hess_ms = 1000 * (time.perf_counter() - t0)
-    search = RateSearch(base, hessians, hp.gptq_enabled, hp.rank, hp.world_size)
-    try:
-        entries, blob, knob, predicted, search_ms, compress_ms = export_model(
-            search, cfg, code_bytes, hp.artifact_bytes_limit, device, log)
-    except FitError as e:
-        log(f"error: {e}")
-        return 1
-    quant_ms = hess_ms + search_ms
-    log(f"gptq:hessians {len(hessians)} from {n_batches * hp.world_size} batches in {hess_ms:.0f}ms")
-    kinds = {k: [e.get("q", e.get("data")).numel() for e in entries.values() if e["kind"] == k] for k in STREAMS}
-    log(f"gptq:quantized in {search_ms:.0f}ms ({'full GPTQ' if hp.gptq_enabled else 'round-to-nearest'}): "
-        + " ".join(f"{k}: {len(v)} tensors / {sum(v)} params" for k, v in kinds.items() if k != "scale"))
-    for line in search.report(entries, knob, predicted + code_bytes, hp.artifact_bytes_limit):
-        log(line)
-    if quant_ms > 1000 * hp.gptq_reserve_seconds:
-        log(f"WARNING: GPTQ took {quant_ms:.0f}ms, over GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}")
-    log(f"training_budget: train_ms: {train_ms:.0f} gptq_ms: {quant_ms:.0f} "
-        f"total_ms: {train_ms + quant_ms:.0f} limit_ms: {1000 * hp.max_wallclock_seconds:.0f}")
-
-    r = evaluator.evaluate(base, evaluator.L)
-    log(f"pre-quantization post-ema val_loss:{r['loss']:.8f} val_bpb:{r['bpb']:.8f} eval_time:{r['ms']:.0f}ms")
-
-    status = torch.zeros(1, device=device)
-    if is_main:
-        if not hp.export_only:
-            log(f"Serialized model: {save_checkpoint(out / 'final_model.pt', base, cfg)} bytes")
-        log(f"Code size: {code_bytes} bytes")
-        try:
-            t0 = time.perf_counter()
-            packed, blob = prune_to_fit(entries, blob, cfg, hessians, code_bytes, hp.artifact_bytes_limit, log)
-            write_atomic(artifact_path, blob)
-            size = artifact_path.stat().st_size
-            log(f"export: predicted {predicted:.0f} actual {size} model bytes ({100 * (size / predicted - 1):+.2f}%), "
-                f"compress+write {compress_ms + 1000 * (time.perf_counter() - t0):.0f}ms")
-            log(f"Serialized model int6+brotli: {size} bytes")
-            log(f"Total submission size int6+brotli: {size + code_bytes} bytes")
-            check_roundtrip(packed, load_artifact(artifact_path)[1])
-            status += 1
-        except FitError as e:
-            log(f"error: {e}")
-    if hp.world_size > 1:
-        dist.broadcast(status, 0)
-    if status.item() == 0:
-        return 1
-    final_evals(hp, cfg, load_artifact(artifact_path)[1], evaluator, device, attn_mode, log)
-    log(f"artifact: {artifact_path.resolve()}")
-    log(f"log: {log_path.resolve()}")
-    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

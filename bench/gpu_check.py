@@ -258,7 +258,7 @@ def section_attention(ctx) -> dict:
 def section_compiled(ctx) -> dict:
     dev, cuda = ctx["device"], ctx["device"].type == "cuda"
     hp = t.Hyperparameters.from_env(ctx["model_env"])
-    cfg = t.ModelConfig.from_hparams(hp)
+    cfg = hp.model_config()
     compile_fn = lambda f: torch.compile(f, dynamic=False, fullgraph=True, **ctx["compile_kw"])
     t0 = time.perf_counter()
     mode, label, rejected = t.select_attention(hp, dev, cfg, compile_fn)
@@ -392,7 +392,8 @@ def main(argv=None) -> int:
             val = sorted(ds[0].glob("fineweb_val_*.bin"))
             val_tokens = t.load_shard(val[0]) if val else None
     # CPU: the smoke config (4 layers x 64, sequence 128) for the model and the run; dynamo traces, no codegen
-    tiny = {} if cuda else {k: v for k, v in t.SMOKE_DEFAULTS.items() if k not in ("DATA_DIR", "OUT_DIR")}
+    tiny = {} if cuda else {k.upper(): t.setting_text(v) for k, v in t.SMOKE_OVERRIDES.items()
+                         if k not in ("data_dir", "out_dir")}
     model_env = tiny | {"VOCAB_SIZE": str(vocab)}
     train_seconds = args.train_seconds or (150 if cuda else 10)
     train_env = {"VOCAB_SIZE": str(vocab), "MAX_WALLCLOCK_SECONDS": f"{train_seconds:g}", "TRAIN_LOG_EVERY": "10"}

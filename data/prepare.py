@@ -139,7 +139,7 @@ def dataset_paths(data_dir, vocab_size: int) -> tuple[Path, Path]:
 
 
 def write_shard(path, tokens) -> int:
-    """Write one shard atomically (temp file + os.replace); return its token count."""
+    """Write one shard atomically (train_gpt.write_atomic); return its token count."""
     tg = _train_gpt()
     toks = np.asarray(tokens)
     if toks.ndim != 1:
@@ -148,16 +148,7 @@ def write_shard(path, tokens) -> int:
         raise ValueError(f"{path}: tokens must be integers in [0, {MAX_VOCAB})")
     header = np.zeros(tg.SHARD_HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = tg.SHARD_MAGIC, tg.SHARD_VERSION, toks.size
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(toks.astype("<u2", copy=False).tobytes())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    tg.write_atomic(Path(path), header.tobytes() + toks.astype("<u2", copy=False).tobytes())
     return int(toks.size)
 
 

@@ -104,3 +104,35 @@ def log_value(text, prefix, key):
     m = re.search(re.escape(key) + r"\s*([-+0-9.eE]+)", lines[-1])
     assert m, f"{key!r} not in {lines[-1]!r}"
     return float(m.group(1))
+
+
+
+def check_summary(out: str, mode: str) -> dict:
+    """The last line is `summary: {strict JSON}`, and it agrees with the human-readable lines above it."""
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("summary: "), last
+    s = json.loads(last[len("summary: "):], parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    line = lambda prefix: next(l for l in out.splitlines() if l.startswith(prefix))
+    assert s["mode"] == mode and s["run_id"] == line("run_id:").split()[1]
+    assert s["code_sha256"] == line("code_sha256:").split()[1]
+    assert s["code_bytes"] == int(line("Code size:").split()[2])
+    assert s["total_bytes"] == int(line("Total submission size").split()[-2]) == s["model_bytes"] + s["code_bytes"]
+    for name, r in s["scores"].items():
+        assert f"{name} val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f} " in out, name
+    assert s["val_bpb"] == s["scores"][s["score_line"]]["val_bpb"]
+    assert s["eval_total_ms"] == pytest.approx(int(line("eval_total:").split()[1][:-2]), abs=2)
+    assert s["env"]["data_fingerprint"] == line("env: data_fingerprint:").split()[2]
+    hp = {l.split(":")[0].strip() for l in out.splitlines() if l.startswith("  ")}
+    assert set(s["settings"]) <= hp
+    if mode == "train":
+        budget = line("training_budget:").split()
+        assert (s["train_ms"], s["gptq_ms"]) == (int(budget[2]), int(budget[4]))
+        assert s["steps"] == int(line("train_summary:").split()[2]) and s["stopped_early"] is False
+        pre = line("pre-quantization post-ema")
+        assert f"val_bpb:{s['pre_quant']['val_bpb']:.8f}" in pre
+        trains = [l for l in out.splitlines() if " train_loss: " in l]
+        assert [p[0] for p in s["curve"]["train"]] == [int(l.split("/")[0]) for l in trains]
+        assert [f"{p[2]:.4f}" for p in s["curve"]["val"]] == [
+            l.split("val_loss: ")[1].split()[0] for l in out.splitlines() if " val_loss: " in l]
+        assert s["peak_memory_mib"]["allocated"] == int(line("peak memory allocated:").split()[3])
+    return s

@@ -46,6 +46,11 @@ def evaluator(tokens, seq_len=SEQ, batch_windows=4, luts=None):
     return t.Evaluator(tokens, seq_len, seq_len * batch_windows, luts or make_luts(), CPU)
 
 
+def score(ev, model, stride, dump=False, slot=None):
+    """Plain scoring, or context-only SLOT with slot = (steps, lr)."""
+    return ev.evaluate(ev.slot(model, *slot) if slot else ev.plain(model), stride, dump=dump)
+
+
 def changed_after(tokens: np.ndarray, p: int, seed: int = 3) -> np.ndarray:
     """Copy with every token at index >= p replaced by a different one."""
     rng = np.random.default_rng(seed)
@@ -122,7 +127,7 @@ def test_stride_equal_seq_len_matches_straightforward_eval():
     n = SEQ * 7
     tokens = make_tokens(n)
     ev = evaluator(tokens, batch_windows=3, luts=luts)  # 7 windows in batches of 3: a ragged last batch
-    r = ev.evaluate(model, SEQ, dump=True)
+    r = score(ev, model, SEQ, dump=True)
     tok = torch.from_numpy(tokens.astype(np.int64))
     x, y = tok[:-1].view(-1, SEQ), tok[1:].view(-1, SEQ)
     with torch.no_grad():
@@ -142,13 +147,13 @@ def test_dump_has_one_value_per_target(n, stride):
     model = make_model()
     ev = evaluator(make_tokens(n, seed=n))
     stride = min(stride, ev.L)
-    r = ev.evaluate(model, stride, dump=True)
+    r = score(ev, model, stride, dump=True)
     nll = r["nll"]
     assert nll.shape == (n,)
     assert np.isfinite(nll).all() and (nll > 0).all()
     assert float(nll.astype(np.float64).sum()) / n == pytest.approx(r["loss"], rel=1e-5)
     # no-dump evaluation gives the same loss
-    assert ev.evaluate(model, stride)["loss"] == pytest.approx(r["loss"], rel=1e-7, abs=1e-7)
+    assert score(ev, model, stride)["loss"] == pytest.approx(r["loss"], rel=1e-7, abs=1e-7)
 
 
 def test_sliding_first_window_matches_plain_and_later_targets_differ():
@@ -156,8 +161,8 @@ def test_sliding_first_window_matches_plain_and_later_targets_differ():
     (longer-context) NLLs from sliding eval, so the stride really changes the computation."""
     model = make_model()
     ev = evaluator(make_tokens(200))
-    plain = ev.evaluate(model, SEQ, dump=True)["nll"]
-    slide = ev.evaluate(model, STRIDE, dump=True)["nll"]
+    plain = score(ev, model, SEQ, dump=True)["nll"]
+    slide = score(ev, model, STRIDE, dump=True)["nll"]
     np.testing.assert_allclose(slide[:SEQ], plain[:SEQ], atol=ATOL, rtol=0)
     assert np.abs(slide[SEQ:] - plain[SEQ:]).max() > 1e-3
 
@@ -177,7 +182,7 @@ def test_sliding_eval_is_causal(p):
     tokens = make_tokens(N_CAUSAL)
     ev_a, ev_b = evaluator(tokens), evaluator(changed_after(tokens, p))
     for stride in (STRIDE, SEQ):
-        assert_causal(ev_a.evaluate(model, stride, dump=True)["nll"], ev_b.evaluate(model, stride, dump=True)["nll"], p)
+        assert_causal(score(ev_a, model, stride, dump=True)["nll"], score(ev_b, model, stride, dump=True)["nll"], p)
 
 
 @pytest.mark.parametrize("p", CAUSAL_P)
@@ -185,8 +190,8 @@ def test_ttt_eval_is_causal(p):
     model = make_model()
     hp = ttt_hp()
     tokens = make_tokens(N_CAUSAL)
-    a = evaluator(tokens).evaluate_ttt(model, hp, dump=True, log=lambda *_: None)["nll"]
-    b = evaluator(changed_after(tokens, p)).evaluate_ttt(model, hp, dump=True, log=lambda *_: None)["nll"]
+    a = t.evaluate_ttt(evaluator(tokens), model, hp, dump=True, log=lambda *_: None)["nll"]
+    b = t.evaluate_ttt(evaluator(changed_after(tokens, p)), model, hp, dump=True, log=lambda *_: None)["nll"]
     assert_causal(a, b, p)
 
 
@@ -195,8 +200,8 @@ def test_slot_eval_is_causal(p):
     model = make_model()
     tokens = make_tokens(N_CAUSAL)
     slot = (4, 0.1)
-    a = evaluator(tokens).evaluate(model, STRIDE, dump=True, slot=slot)["nll"]
-    b = evaluator(changed_after(tokens, p)).evaluate(model, STRIDE, dump=True, slot=slot)["nll"]
+    a = score(evaluator(tokens), model, STRIDE, dump=True, slot=slot)["nll"]
+    b = score(evaluator(changed_after(tokens, p)), model, STRIDE, dump=True, slot=slot)["nll"]
     assert_causal(a, b, p)
 
 
@@ -206,8 +211,8 @@ def test_slot_eval_is_causal(p):
 def test_ttt_with_zero_lr_equals_sliding_eval():
     model = make_model()
     ev = evaluator(make_tokens(N_CAUSAL))
-    plain = ev.evaluate(model, STRIDE, dump=True)
-    ttt = ev.evaluate_ttt(model, ttt_hp(TTT_LR="0"), dump=True, log=lambda *_: None)
+    plain = score(ev, model, STRIDE, dump=True)
+    ttt = t.evaluate_ttt(ev, model, ttt_hp(TTT_LR="0"), dump=True, log=lambda *_: None)
     np.testing.assert_allclose(ttt["nll"], plain["nll"], atol=ATOL, rtol=0)
     assert ttt["loss"] == pytest.approx(plain["loss"], abs=1e-6)
     assert ttt["bpb"] == pytest.approx(plain["bpb"], abs=1e-6)
@@ -219,8 +224,8 @@ def test_ttt_first_chunk_scored_before_any_update():
     ev = evaluator(make_tokens(N_CAUSAL))
     hp = ttt_hp()
     C = hp.ttt_chunk_tokens
-    plain = ev.evaluate(model, STRIDE, dump=True)["nll"]
-    ttt = ev.evaluate_ttt(model, hp, dump=True, log=lambda *_: None)["nll"]
+    plain = score(ev, model, STRIDE, dump=True)["nll"]
+    ttt = t.evaluate_ttt(ev, model, hp, dump=True, log=lambda *_: None)["nll"]
     np.testing.assert_allclose(ttt[:C], plain[:C], atol=ATOL, rtol=0)  # targets 1..C: chunk 0
     assert np.abs(ttt[2 * C:] - plain[2 * C:]).max() > 1e-3, "TTT with a non-zero lr changed nothing"
     # the caller's model is untouched (TTT adapts a copy)
@@ -232,11 +237,11 @@ def test_ttt_first_chunk_scored_before_any_update():
 def test_slot_zero_steps_equals_sliding_eval():
     model = make_model()
     ev = evaluator(make_tokens(N_CAUSAL))
-    plain = ev.evaluate(model, STRIDE, dump=True)
-    slot0 = ev.evaluate(model, STRIDE, dump=True, slot=(0, 0.5))
+    plain = score(ev, model, STRIDE, dump=True)
+    slot0 = score(ev, model, STRIDE, dump=True, slot=(0, 0.5))
     np.testing.assert_allclose(slot0["nll"], plain["nll"], atol=ATOL, rtol=0)
     assert slot0["loss"] == pytest.approx(plain["loss"], abs=1e-6)
-    slot = ev.evaluate(model, STRIDE, dump=True, slot=(4, 0.1))
+    slot = score(ev, model, STRIDE, dump=True, slot=(4, 0.1))
     # SLOT needs context: the first window's targets are scored plainly; later ones change
     np.testing.assert_allclose(slot["nll"][:SEQ], plain["nll"][:SEQ], atol=ATOL, rtol=0)
     assert np.abs(slot["nll"][SEQ:] - plain["nll"][SEQ:]).max() > 1e-3
@@ -255,10 +260,10 @@ def test_slot_windows_do_not_share_delta_in_evaluator(monkeypatch):
         return real(model, x, *a, **k)
 
     monkeypatch.setattr(t, "slot_nll", spy)
-    one = evaluator(tokens, batch_windows=1).evaluate(model, STRIDE, dump=True, slot=(4, 0.1))
+    one = score(evaluator(tokens, batch_windows=1), model, STRIDE, dump=True, slot=(4, 0.1))
     assert sizes and max(sizes) == 1
     sizes.clear()
-    many = evaluator(tokens, batch_windows=8).evaluate(model, STRIDE, dump=True, slot=(4, 0.1))
+    many = score(evaluator(tokens, batch_windows=8), model, STRIDE, dump=True, slot=(4, 0.1))
     assert max(sizes) > 1, "the Evaluator never batched several windows: the check would be vacuous"
     np.testing.assert_allclose(many["nll"], one["nll"], atol=ATOL, rtol=0)
 

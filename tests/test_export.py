@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt as t
-from conftest import ROOT, random_gpt, run_train, tiny_cfg, tiny_env
+from conftest import ROOT, check_summary, random_gpt, run_train, tiny_cfg, tiny_env
 
 TRAIN = ROOT / "train_gpt.py"
 CPU = torch.device("cpu")
@@ -573,6 +573,8 @@ def test_eval_only_reproduces_run(base_run, tiny_data_dir, tmp_path):
     assert s["model"] == s0["model"] and s["total"] == s0["total"]
     assert not (tmp_path / "eo" / "final_model.int6.ptz").exists()
     assert "train_loss" not in r.stdout and "  eval_seq_len: 64" in r.stdout
+    summary = check_summary(r.stdout, mode="eval_only")
+    assert summary["steps"] is None and summary["train_ms"] is None and summary["pre_quant"] is None
 
 
 def test_export_only_reproduces_the_run(base_run, tiny_data_dir, tmp_path):
@@ -586,6 +588,8 @@ def test_export_only_reproduces_the_run(base_run, tiny_data_dir, tmp_path):
         assert scores(r.stdout, name) == scores(base_run["log"], name), name
     assert "train_loss" not in r.stdout and "export_only: " + str(ckpt) in r.stdout
     assert not (out / "final_model.pt").exists() and "Serialized model:" not in r.stdout
+    summary = check_summary(r.stdout, mode="export_only")
+    assert summary["steps"] is None and summary["train_ms"] == 0 and summary["pre_quant"] is not None
 
 
 def test_export_only_refuses_a_checkpoint_of_another_architecture(base_run, tmp_path):

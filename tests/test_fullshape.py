@@ -32,7 +32,8 @@ def test_default_architecture_dry_run(sample_data, tmp_path):
     data, val = sample_data
     env = tiny_env(data, tmp_path, RUN_ID="full", VAL_FILES=val, OMP_NUM_THREADS="2")
     for name in list(env):  # back to every default except what a CPU can afford
-        if name in {k.upper() for k in t.HPARAMS} and name not in ("DATA_DIR", "OUT_DIR", "RUN_ID", "VAL_FILES"):
+        settings = {f.name.upper() for _, f in t.Hyperparameters.declared()}
+        if name in settings and name not in ("DATA_DIR", "OUT_DIR", "RUN_ID", "VAL_FILES"):
             del env[name]
     env.update(ITERATIONS="1", MAX_WALLCLOCK_SECONDS="0", TRAIN_BATCH_TOKENS="16384", VAL_LOSS_EVERY="0",
                GPTQ_CALIBRATION_BATCHES="1", GPTQ_ENABLED="0", EVAL_STRIDE="512", RECUR_START_STEP="0")

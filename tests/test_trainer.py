@@ -1,4 +1,5 @@
 """Core trainer: config, data, byte accounting, model wiring, optimizer, schedule, EMA, end-to-end runs."""
+import json
 import math
 import os
 import re
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as t
-from conftest import ROOT, TINY_VOCAB, log_value, run_train, sample_texts, tiny_env
+from conftest import ROOT, TINY_VOCAB, check_summary, log_value, run_train, sample_texts, tiny_env
 
 import prepare
 
@@ -30,10 +31,11 @@ def small_cfg(**over):
 
 def test_defaults_match_reference_recipe():
     hp = t.Hyperparameters.from_env({})
-    assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.vocab_size) == (11, 512, 8, 4, 4096)
+    m = hp.model
+    assert (m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.vocab_size) == (11, 512, 8, 4, 4096)
     assert (hp.train_batch_tokens, hp.train_seq_len, hp.eval_seq_len, hp.eval_stride) == (786432, 2048, 2048, 64)
-    assert (hp.matrix_lr, hp.muon_wd, hp.qk_gain_init, hp.ema_decay, hp.warmdown_frac) == (0.02, 0.09, 5.0, 0.997, 0.667)
-    assert hp.recur == (4, 5) and hp.ve == (9, 10) and hp.parallel_start_layer == 7
+    assert (hp.matrix_lr, hp.muon_wd, m.qk_gain_init, hp.ema_decay, hp.warmdown_frac) == (0.02, 0.09, 5.0, 0.997, 0.667)
+    assert m.recur_layers == (4, 5) and hp.ve == (9, 10) and m.parallel_start_layer == 7
     assert hp.grad_accum == 8 and hp.recur_start_frac == 0.5 and hp.recur_start_step == -1
     names = {l.split(":")[0].strip() for l in hp.lines()[1:]}
     for dead in ("embed_lr", "head_lr", "muon_beta2", "rope_train_seq_len", "tie_embeddings"):
@@ -43,7 +45,7 @@ def test_defaults_match_reference_recipe():
 def test_env_overrides_and_types():
     hp = t.Hyperparameters.from_env({"SEED": "42", "MLP_MULT": "3.5", "TTT_ENABLED": "1", "RECUR_LAYERS": "3,4,5",
                                      "WORLD_SIZE": "2", "RANK": "1"})
-    assert hp.seed == 42 and hp.mlp_mult == 3.5 and hp.ttt_enabled is True and hp.recur == (3, 4, 5)
+    assert hp.seed == 42 and hp.model.mlp_mult == 3.5 and hp.ttt_enabled is True and hp.model.recur_layers == (3, 4, 5)
     assert hp.world_size == 2 and hp.rank == 1 and hp.grad_accum == 4
 
 
@@ -190,7 +192,7 @@ def test_val_bytes_logged_equal_true_bytes(tmp_path, tiny_data_dir, tiny_sp):
 
 
 def test_default_model_shapes_and_param_count():
-    m = t.GPT(t.ModelConfig.from_hparams(t.Hyperparameters.from_env({})))
+    m = t.GPT(t.Hyperparameters.from_env({}).model_config())
     n = sum(p.numel() for p in m.parameters())
     assert n == 34_401_372 + 8  # the reference's count + 8 learned cross-lane routes (layers 7-10)
     blk = m.blocks[0]
@@ -376,7 +378,7 @@ def test_every_accepted_layer_list_combination_runs(n):
     combos = list(itertools.product(subsets, range(n)))
     for i, (recur, parallel) in enumerate(combos):
         hp = t.Hyperparameters.from_env(layer_list_env(n, recur, parallel, subsets[(7 * i) % len(subsets)], i % (n + 1)))
-        m = t.GPT(t.ModelConfig.from_hparams(hp))
+        m = t.GPT(hp.model_config())
         for active in (False, True):
             m.recur_active = active
             m.zero_grad(set_to_none=True)
@@ -538,6 +540,7 @@ def test_tiny_cpu_run_trains_and_logs(tmp_path, tiny_data_dir):
     assert len(vals) == 3 and vals[-1] < vals[0]  # steps 0, 12, 24
     assert "recurrence:activated at step 12" in out  # RECUR_START_FRAC=0.5 of 24 steps
     assert "  seed: 1337" in out and "  recur_start_frac: 0.5" in out
+    check_summary(out, mode="train")
 
 
 def test_two_process_gloo_ranks_end_identical(tmp_path, tiny_data_dir):
