@@ -56,7 +56,7 @@ def test_wrapped_trainer_matches_source(tmp_path, tiny_data_dir, tiny_vocab_size
     src_copy.parent.mkdir()
     src_copy.write_bytes(TRAIN.read_bytes())  # snapshot: the file may change under us
     wrapped = tmp_path / "wrapped" / "train_gpt.py"
-    assert bw.main([str(src_copy), "-o", str(wrapped)] + (["--strip"] if strip else [])) == 0
+    assert bw.main([str(src_copy), "-o", str(wrapped)] + ([] if strip else ["--no-strip"])) == 0
     assert bw.extract_source(wrapped.read_text()) == (
         bw.strip_source(src_copy.read_text()) if strip else src_copy.read_text())
 
