@@ -256,7 +256,7 @@ def render_readme(sub: dict, runs: list[dict]) -> str:
     L += compliance_lines(sub, runs)
     L.append("## Files\n")
     L.append(f"- `train_gpt.py`: the submitted code, {sub['bytes_code']:,} bytes (a self-extracting "
-             f"LZMA2+base85 wrapper; run it directly), sha256 `{sub['code_sha256']}` in the logs")
+             f"LZMA2+base85 wrapper; run it directly); the logs' code_sha256 `{sub['code_sha256']}`")
     L += [f"- `{r['log_name']}`: log of seed {r['summary']['seed']}" for r in runs]
     L.append("- `submission.json`; `train_curves.png` (train loss and val BPB against training time)")
     return "\n".join(L) + "\n"
