@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 from build_wrapper import WrapperError, extract_source, make_wrapper
-from train_gpt import write_atomic
+from train_gpt import HPARAMS, write_atomic
 
 MAX_ARTIFACT_BYTES = 16_000_000
 MAX_TRAIN_MS = 600_000  # training + GPTQ
@@ -65,19 +65,19 @@ class RecordError(RuntimeError):
 def split_runs(text: str) -> list[str]:
     """One segment per run: a log holds several when a RUN_ID is reused (train_gpt.py appends);
     each run starts with a ``run_id: `` line, and text before the first one joins the first."""
-    lines = text.splitlines(keepends=True)
+    parts = text.split("\n")  # not splitlines: it also splits at \x0c, \x1c-\x1e, \x85, \u2028 ...
+    lines = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
     starts = [i for i, l in enumerate(lines) if l.startswith("run_id: ")][1:]
     return ["".join(lines[a:b]) for a, b in zip([0] + starts, starts + [len(lines)])]
 
 
 def parse_hparams(text: str) -> dict | None:
     """The ``Hyperparameters:`` block (``  name: value`` lines, values as logged), or None."""
-    lines = text.splitlines()
-    if "Hyperparameters:" not in (l.rstrip() for l in lines):
+    lines = [l.rstrip("\r") for l in text.split("\n")]
+    if "Hyperparameters:" not in lines:
         return None
-    i = [l.rstrip() for l in lines].index("Hyperparameters:")
     hp = {}
-    for l in lines[i + 1:]:
+    for l in lines[lines.index("Hyperparameters:") + 1:]:
         name, sep, value = l[2:].partition(":")
         if not (l.startswith("  ") and sep and name.isidentifier()):
             break
@@ -87,7 +87,7 @@ def parse_hparams(text: str) -> dict | None:
 
 def parse_summary(text: str) -> dict | None:
     """The run's last ``summary: {json}`` line as a dict (non-finite numbers: NaN), or None."""
-    for line in reversed(text.splitlines()):
+    for line in reversed(text.split("\n")):
         if line.startswith("summary: {"):
             try:
                 d = json.loads(line[len("summary: "):])
@@ -209,7 +209,7 @@ def _env_assignment(name: str, value) -> str:
 
 def reproduce_lines(runs: list[dict]) -> list[str]:
     s0 = runs[0]["summary"]
-    vocab = _hp_value(runs[0]["hparams"], "vocab_size") or s0["settings"].get("vocab_size", 4096)
+    vocab = _hp_value(runs[0]["hparams"], "vocab_size") or HPARAMS["vocab_size"]
     prep = f"python data/prepare.py download --variant sp{vocab}"
     if s0["env"].get("train_shards"):
         prep += f" --train-shards {s0['env']['train_shards']}"
@@ -450,10 +450,11 @@ def check_runs(runs: list[dict], accepted: dict, wrapper_bytes: int) -> None:
 
 
 def _common(runs, get, what):
-    vals = sorted({str(get(r)) for r in runs})
+    """The runs' shared value (None if none has one); several are joined, with a warning."""
+    vals = sorted({str(get(r)) for r in runs if get(r) is not None})
     if len(vals) > 1:
         print(f"warning: logs disagree on {what}: {vals}", file=sys.stderr)
-    return ", ".join(vals)
+    return ", ".join(vals) or None
 
 
 # --------------------------------------------------------------------------- assembly

@@ -425,6 +425,14 @@ def test_split_runs():
     assert mr.split_runs(text) == ["pre\nrun_id: a started: t\nx\n", "run_id: b started: t\ny\n"]
     assert mr.split_runs("no ids\n") == ["no ids\n"]
     assert len(mr.split_runs("run_id: a\n    log(f'run_id: {x}')\n")) == 1
+    # split at "\n" only (str.splitlines would also split at \u2028, \x0c, \x85 ...)
+    assert mr.split_runs("run_id: a\u2028run_id: x\x0crun_id: y\n") == ["run_id: a\u2028run_id: x\x0crun_id: y\n"]
+
+
+def test_read_log_crlf(rec):
+    s = summary(7, 1.1, 2.5, code_sha=rec.sha, code_bytes=123)
+    r = mr.read_log(make_log(s).replace("\n", "\r\n"))
+    assert r["summary"] == s and r["hparams"]["seed"] == "7" and r["hparams"]["eval_only"] == ""
 
 
 def test_log_with_eval_only_runs_uses_the_training_run(rec):
