@@ -121,6 +121,9 @@ def read_log(text: str, where: str = "log") -> dict:
         not_int = [k for k in INT_KEYS if type(summary[k]) is not int]
         if not_int:
             raise RecordError(f"summary {', '.join(not_int)} must be integers")
+        not_dict = [k for k in ("env", "settings", "scores") if not isinstance(summary[k], dict)]
+        if not_dict:
+            raise RecordError(f"summary {', '.join(not_dict)} must be JSON objects")
         hp = parse_hparams(seg)
         if hp is None:
             raise RecordError("missing required 'Hyperparameters:' block")
@@ -185,12 +188,12 @@ def technique_summary(hp: dict) -> str:
     if g("num_layers") and g("model_dim"):
         parts.append(f"{g('num_layers')}x{g('model_dim')} transformer"
                      + (f" (MLP {g('mlp_mult'):g}x)" if isinstance(g("mlp_mult"), float) else ""))
-    if g("recur_layers"):
-        parts.append(f"depth recurrence on layers {g('recur_layers')}")
+    if hp.get("recur_layers"):  # raw: layer lists such as "0" are not numbers
+        parts.append(f"depth recurrence on layers {hp['recur_layers']}")
     if isinstance(g("parallel_start_layer"), int) and g("parallel_start_layer") > 0:
         parts.append(f"parallel residual lanes from layer {g('parallel_start_layer')}")
-    if g("ve_enabled") and g("ve_layers"):
-        parts.append(f"value embeddings on layers {g('ve_layers')}")
+    if g("ve_enabled") and hp.get("ve_layers"):
+        parts.append(f"value embeddings on layers {hp['ve_layers']}")
     if g("gptq_enabled") is not None:
         parts.append(("full-Hessian GPTQ int6" if g("gptq_enabled") else "int6") + " + brotli")
     if g("sliding_window_enabled"):

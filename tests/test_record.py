@@ -235,6 +235,10 @@ def test_reproduce_quotes_and_vocab(rec):
     repro = (rec.out / "README.md").read_text().split("## Reproduce\n")[1]
     assert "--variant sp1024 " in repro and "VE_LAYERS='' VOCAB_SIZE=1024 torchrun" in repro
     assert "SP1024, " in json.loads((rec.out / "submission.json").read_text())["technique_summary"]
+    hp = {"recur_layers": "0", "ve_enabled": "False", "parallel_start_layer": "0", "ttt_enabled": "False",
+          "gptq_enabled": "False", "sliding_window_enabled": "False", "mlp_mult": "3.5"}
+    assert mr.technique_summary(mr.parse_hparams("\n".join(hparams(1, "x", hp)))) == (
+        "SP4096, 12x512 transformer (MLP 3.5x), depth recurrence on layers 0, int6 + brotli")
 
 
 def test_compliance_section_numbers(rec):
@@ -354,6 +358,7 @@ def test_record_accepts_source_hash_and_prebuilt_wrapper(rec):
     ("code_bytes", "code_bytes"),
     ("missing_key", "summary line lacks train_total_ms, env.data_fingerprint"),
     ("not_int", "summary model_bytes, total_bytes must be integers"),
+    ("not_dict", "summary settings must be JSON objects"),
     ("bad_json", "summary line is not JSON"),
     ("no_hparams", "Hyperparameters"),
 ])
@@ -385,6 +390,10 @@ def test_record_refusals(rec, capsys, case, msg):
     elif case == "missing_key":
         d = summary(314, 1.0, 2.0, code_sha=rec.sha, code_bytes=rec.size)
         del d["train_total_ms"], d["env"]["data_fingerprint"]
+        p.write_text(make_log(d))
+    elif case == "not_dict":
+        d = summary(314, 1.0, 2.0, code_sha=rec.sha, code_bytes=rec.size)
+        d["settings"] = []
         p.write_text(make_log(d))
     elif case == "bad_json":
         p.write_text(p.read_text().replace("summary: {", "summary: {,"))
