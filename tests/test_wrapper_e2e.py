@@ -56,7 +56,7 @@ def test_wrapped_trainer_matches_source(tmp_path, tiny_data_dir, tiny_vocab_size
     src_copy.parent.mkdir()
     src_copy.write_bytes(TRAIN.read_bytes())  # snapshot: the file may change under us
     wrapped = tmp_path / "wrapped" / "train_gpt.py"
-    assert bw.main([str(src_copy), "-o", str(wrapped)] + (["--strip"] if strip else [])) == 0
+    assert bw.main([str(src_copy), "-o", str(wrapped)] + ([] if strip else ["--no-strip"])) == 0
     assert bw.extract_source(wrapped.read_text()) == (
         bw.strip_source(src_copy.read_text()) if strip else src_copy.read_text())
 
@@ -71,3 +71,17 @@ def test_wrapped_trainer_matches_source(tmp_path, tiny_data_dir, tiny_vocab_size
     assert [int(x) for x in CODE.findall(a)] == [src_copy.stat().st_size]
     import hashlib
     assert SHA.findall(b) == [hashlib.sha256(wrapped.read_bytes()).hexdigest()]
+    if strip and "\nsummary: {" in b:  # once train_gpt.py writes the summary line: a record from it
+        import json
+        import make_record
+        log = tmp_path / "out_wrap" / "logs" / "e2e_wrap.txt"
+        rec = tmp_path / "record"
+        assert make_record.main(["--logs", str(log), "--script", str(wrapped), "--name", "e2e",
+                                 "--author", "a", "--github-id", "g", "--blurb", "b",
+                                 "--out", str(rec)]) == 0
+        sub = json.loads((rec / "submission.json").read_text())
+        assert (rec / "train_gpt.py").read_bytes() == wrapped.read_bytes()
+        run = make_record.read_log(log.read_text(encoding="utf-8"))["summary"]
+        assert run["code_sha256"] == hashlib.sha256(wrapped.read_bytes()).hexdigest()
+        assert run["code_bytes"] == wrapped.stat().st_size
+        assert sub["val_bpb"] == round(run["val_bpb"], 8) and sub["seeds"] == [run["seed"]]
