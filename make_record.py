@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 from build_wrapper import WrapperError, extract_source, make_wrapper
-from train_gpt import HPARAMS, write_atomic
+from train_gpt import ModelConfig, setting_text, write_atomic
 
 MAX_ARTIFACT_BYTES = 16_000_000
 MAX_TRAIN_MS = 600_000  # training + GPTQ
@@ -206,13 +206,15 @@ def technique_summary(hp: dict) -> str:
 
 
 def _env_assignment(name: str, value) -> str:
-    v = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    # the env var's spelling: booleans 0/1, layer lists (JSON lists in the summary) comma-separated
+    v = tuple(value) if isinstance(value, list) else value
+    v = ("1" if v else "0") if isinstance(v, bool) else setting_text(v)
     return f"{name.upper()}={shlex.quote(v)}"
 
 
 def reproduce_lines(runs: list[dict]) -> list[str]:
     s0 = runs[0]["summary"]
-    vocab = _hp_value(runs[0]["hparams"], "vocab_size") or HPARAMS["vocab_size"]
+    vocab = _hp_value(runs[0]["hparams"], "vocab_size") or ModelConfig().vocab_size
     prep = f"python data/prepare.py download --variant sp{vocab}"
     if s0["env"].get("train_shards"):
         prep += f" --train-shards {s0['env']['train_shards']}"

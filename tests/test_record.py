@@ -23,7 +23,7 @@ SCRIPT_SRC = "import os\n" + "\n".join(f"def f{i}():\n    return {i} * os.getpid
 TOK_SHA = "1f" * 32
 DATA_FP = "2e" * 32
 # non-default settings of the fixture's runs (the per-run ones are added per seed)
-SETTINGS = {"num_layers": 12, "matrix_lr": 0.025, "ttt_enabled": True, "ve_layers": "8,9,10",
+SETTINGS = {"num_layers": 12, "matrix_lr": 0.025, "ttt_enabled": True, "ve_layers": [8, 9, 10], "recur_layers": [],
             "compile": "1", "logit_softcap": 20.0, "sliding_window_enabled": True}
 
 
@@ -220,7 +220,9 @@ def test_reproduce_section_has_every_non_default_setting(rec):
         assert cmd.startswith(f"SEED={seed} ")
         assert cmd.endswith("torchrun --standalone --nproc_per_node=8 train_gpt.py")
         for k, v in SETTINGS.items():
-            want = {True: "1", False: "0"}.get(v, str(v)) if isinstance(v, bool) else str(v)
+            want = {True: "1", False: "0"}[v] if isinstance(v, bool) else ",".join(map(str, v)) if isinstance(
+                v, list) else str(v)
+            want = want or "''"  # an empty list: RECUR_LAYERS='' (off)
             assert f" {k.upper()}={want} " in cmd, (k, cmd)
         for per_run in ("RUN_ID", "DATA_DIR", "OUT_DIR"):
             assert per_run + "=" not in cmd
