@@ -25,7 +25,10 @@ import token as _token
 import tokenize
 from pathlib import Path
 
-MAX_LINE, HEADER, CALL_OPEN, CALL_CLOSE = 100, "import lzma as L,base64 as B\n", "exec(L.decompress(B.b85decode(", ")))"
+MAX_LINE = 100  # characters per wrapper line
+HEADER = "import lzma as L,base64 as B\n"
+CALL_OPEN = "exec(L.decompress(B.b85decode("
+CALL_CLOSE = ")))"
 B85_ALPHABET = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz!#$%&()*+-;<=>?@^_`{|}~"
 XZ_CHECKS = {"crc64": lzma.CHECK_CRC64, "crc32": lzma.CHECK_CRC32, "none": lzma.CHECK_NONE}
 PRESETS = {"9": 9, "9e": 9 | lzma.PRESET_EXTREME}

@@ -464,77 +464,56 @@ def _common(runs, get, what):
 
 # --------------------------------------------------------------------------- assembly
 
-def assemble_record(logs: list[str], name: str, author: str, github_id: str, blurb: str,
-                    script: str = "train_gpt.py", baseline_pr: int | None = None,
-                    baseline_bpb: list[float] | None = None, technique: str | None = None,
-                    hardware: str | None = None, track: str = TRACK, out: str | None = None,
-                    date: str | None = None, strip: bool = True,
-                    force: bool = False) -> tuple[str, dict]:
-    """Validate the logs and write a record folder; return (out_dir, submission dict).
-
-    Every check runs before anything is written; the folder is built in a temporary folder
-    and renamed into place, so a refusal leaves no files behind.
-    """
+def check_arguments(logs, name, author, github_id, blurb, baseline_pr, baseline_bpb, date):
     if not logs:
         raise RecordError("no logs given")
     for what, v in (("github id", github_id), ("author", author), ("name", name), ("blurb", blurb)):
         if not (isinstance(v, str) and v.strip()):
             raise RecordError(f"a {what} is required")
-    date = date or _dt.date.today().isoformat()
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
         raise RecordError(f"date must be YYYY-MM-DD, got {date!r}")
-    out = out or os.path.join("records", f"{date}_{_slug(name)}")
-    check_out_dir(out, script, logs, force)
     if (baseline_pr is None) != (not baseline_bpb):
         raise RecordError("give both --baseline-pr and --baseline-bpb, or neither")
-    if baseline_bpb:
-        baseline_bpb = [float(x) for x in baseline_bpb]
-        if not all(math.isfinite(x) for x in baseline_bpb):
-            raise RecordError(f"baseline val_bpb values must be finite: {baseline_bpb}")
-        baseline_pr = int(baseline_pr)
+    if baseline_bpb and not all(math.isfinite(float(x)) for x in baseline_bpb):
+        raise RecordError(f"baseline val_bpb values must be finite: {baseline_bpb}")
 
+
+def load_script(script: str, strip: bool) -> tuple[bytes, dict]:
+    """(the wrapper to ship, {sha256: bytes} of the files a log may have run: script, wrapper, source).
+    An already-built wrapper is shipped verbatim."""
     script_bytes = Path(script).read_bytes()
     script_text = script_bytes.decode("utf-8-sig")
-    try:  # an already-built wrapper is shipped verbatim
+    try:
         source, wrapper = extract_source(script_text), script_text
         print(f"{script} is already a wrapper; shipping it as is")
     except WrapperError:
         source, wrapper = script_text, make_wrapper(script_text, strip=strip)
     wrapper_bytes = wrapper.encode("utf-8")
-    accepted = {_sha256(b): len(b) for b in (script_bytes, wrapper_bytes, source.encode("utf-8"))}
+    return wrapper_bytes, {_sha256(b): len(b) for b in (script_bytes, wrapper_bytes, source.encode("utf-8"))}
 
-    runs = []
-    for path in logs:
-        with open(path, "r", encoding="utf-8", errors="replace") as f:
-            r = read_log(f.read(), where=path)
-        r["path"] = path
-        r["log_name"] = f"train_seed{r['summary']['seed']}.log"
-        runs.append(r)
-    check_runs(runs, accepted, len(wrapper_bytes))
 
+def submission(runs: list[dict], meta: dict, code_bytes: int, baseline_pr, baseline_bpb) -> dict:
+    """submission.json: upstream's keys and rounding first, then ours."""
     S = [r["summary"] for r in runs]
     bpbs, losses = [s["val_bpb"] for s in S], [s["val_loss"] for s in S]
     m_bpb, s_bpb = mean_std(bpbs)
-    sub = {
-        "author": author, "github_id": github_id, "name": name, "date": date, "track": track,
-        "val_bpb": round(m_bpb, 8), "val_bpb_std": None if s_bpb is None else round(s_bpb, 8),
-        "seeds": [s["seed"] for s in S],
-        "seed_results": {},
-    }
+    sub = {k: meta[k] for k in ("author", "github_id", "name", "date", "track")}
+    sub.update({"val_bpb": round(m_bpb, 8), "val_bpb_std": None if s_bpb is None else round(s_bpb, 8),
+                "seeds": [s["seed"] for s in S], "seed_results": {}})
     if baseline_bpb:
         delta = m_bpb - statistics.fmean(baseline_bpb)
         sub["comparison_baseline_pr"] = baseline_pr
         sub[f"delta_vs_pr{baseline_pr}_bpb"] = round(delta, 5)
     sub.update({
-        "hardware": hardware or _common(runs, lambda r: hardware_name(r["summary"]["env"]), "hardware"),
+        "hardware": meta["hardware"] or _common(runs, lambda r: hardware_name(r["summary"]["env"]), "hardware"),
         "pytorch_version": _common(runs, lambda r: r["summary"]["env"]["torch"], "torch"),
-        "technique_summary": technique or technique_summary(runs[0]["hparams"]),
-        "blurb": blurb,
+        "technique_summary": meta["technique"] or technique_summary(runs[0]["hparams"]),
+        "blurb": meta["blurb"],
         # not in upstream's submission.json:
         "val_loss": round(statistics.fmean(losses), 8),
         "score_line": S[0]["score_line"],
         "bytes_total": max(r["artifact_bytes"] for r in runs),
-        "bytes_code": len(wrapper_bytes),
+        "bytes_code": code_bytes,
         "code_sha256": S[0]["code_sha256"],
         "python_version": _common(runs, lambda r: r["summary"]["env"].get("python"), "python"),
         "cuda_version": _common(runs, lambda r: r["summary"]["env"].get("cuda"), "cuda"),
@@ -554,29 +533,64 @@ def assemble_record(logs: list[str], name: str, author: str, github_id: str, blu
             "train_total_ms": s["train_total_ms"], "eval_total_ms": s["eval_total_ms"],
             "pre_quant": s.get("pre_quant"), "scores": s["scores"],
             "peak_memory_mib": s.get("peak_memory_mib"), "run_id": s.get("run_id"), "env": s["env"]}
-
     bad: list[str] = []
     sub = _json_safe(sub, bad=bad)
     if bad:
         print(f"warning: non-finite values written as null: {', '.join(bad)}", file=sys.stderr)
-    sub_bytes = (json.dumps(sub, indent=2, allow_nan=False, ensure_ascii=False) + "\n").encode()
-    readme = render_readme(sub, runs).encode("utf-8")
-    png = plot_curves(runs)
+    return sub
+
+
+def write_folder(out: str, files: dict, recheck) -> None:
+    """All files into a temporary folder beside `out`, then renamed into place (recheck() first)."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".record-", dir=parent)
     try:
-        files = {"train_gpt.py": wrapper_bytes, "submission.json": sub_bytes,
-                 "README.md": readme, "train_curves.png": png}
-        files.update((r["log_name"], Path(r["path"]).read_bytes()) for r in runs)
         for fname, data in files.items():
             write_atomic(Path(tmp) / fname, data)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        check_out_dir(out, script, logs, force)  # again: it may have changed meanwhile
+        recheck()
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def assemble_record(logs: list[str], name: str, author: str, github_id: str, blurb: str,
+                    script: str = "train_gpt.py", baseline_pr: int | None = None,
+                    baseline_bpb: list[float] | None = None, technique: str | None = None,
+                    hardware: str | None = None, track: str = TRACK, out: str | None = None,
+                    date: str | None = None, strip: bool = True,
+                    force: bool = False) -> tuple[str, dict]:
+    """Validate the logs and write a record folder; return (out_dir, submission dict).
+
+    Every check runs before anything is written; the folder is built in a temporary folder
+    and renamed into place, so a refusal leaves no files behind.
+    """
+    date = date or _dt.date.today().isoformat()
+    check_arguments(logs, name, author, github_id, blurb, baseline_pr, baseline_bpb, date)
+    out = out or os.path.join("records", f"{date}_{_slug(name)}")
+    check_out_dir(out, script, logs, force)
+    baseline_bpb = [float(x) for x in baseline_bpb] if baseline_bpb else None
+    baseline_pr = int(baseline_pr) if baseline_bpb else None
+    wrapper_bytes, accepted = load_script(script, strip)
+    runs = []
+    for path in logs:
+        with open(path, "r", encoding="utf-8", errors="replace") as f:
+            r = read_log(f.read(), where=path)
+        r["path"] = path
+        r["log_name"] = f"train_seed{r['summary']['seed']}.log"
+        runs.append(r)
+    check_runs(runs, accepted, len(wrapper_bytes))
+    meta = dict(author=author, github_id=github_id, name=name, date=date, track=track, hardware=hardware,
+                technique=technique, blurb=blurb)
+    sub = submission(runs, meta, len(wrapper_bytes), baseline_pr, baseline_bpb)
+    files = {"train_gpt.py": wrapper_bytes,
+             "submission.json": (json.dumps(sub, indent=2, allow_nan=False, ensure_ascii=False) + "\n").encode(),
+             "README.md": render_readme(sub, runs).encode("utf-8"),
+             "train_curves.png": plot_curves(runs)}
+    files.update((r["log_name"], Path(r["path"]).read_bytes()) for r in runs)
+    write_folder(out, files, lambda: check_out_dir(out, script, logs, force))  # it may have changed meanwhile
     return out, sub
 
 

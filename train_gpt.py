@@ -147,6 +147,7 @@ class Hyperparameters:
     slot_lr: float = 0.005
     # convenience
     smoke: bool = False  # a one-minute CPU config on the embedded sample (SMOKE_OVERRIDES); env vars still win
+    # not settings: the model's (ModelConfig), torchrun's ranks, and what the environment changed
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     rank: int = 0
     world_size: int = 1

@@ -2,7 +2,6 @@
 Env parsing, the log's Hyperparameters block, SMOKE=1 and the README's table all come from those lines.
 
 `python tests/test_settings.py` prints the README table; paste it between the README's settings markers."""
-import dataclasses
 import re
 import sys
 from pathlib import Path

@@ -1,10 +1,7 @@
 """Core trainer: config, data, byte accounting, model wiring, optimizer, schedule, EMA, end-to-end runs."""
-import json
 import math
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
