@@ -54,7 +54,7 @@ def remove_docstrings(tree: ast.AST) -> ast.AST:
             node.body = node.body[1:] or [ast.Pass()]
     return tree
 
-def _split_lines(src: str) -> list[str]:
+def split_lines(src: str) -> list[str]:
     """Lines with their ends, split on "\n" only, like tokenize (unlike ``str.splitlines``)."""
     parts = src.split("\n")
     return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
@@ -97,7 +97,7 @@ def _logical_line_depths(src: str) -> dict[int, int]:
     return depths
 
 def _strip_once(src: str) -> str:
-    lines = _split_lines(src)
+    lines = split_lines(src)
     offs = [0]
     for line in lines:
         offs.append(offs[-1] + len(line))
@@ -128,7 +128,7 @@ def _strip_once(src: str) -> str:
     head, tail = _string_rows(text)
     depths = _logical_line_depths(text)
     result = []
-    for i, line in enumerate(_split_lines(text), start=1):
+    for i, line in enumerate(split_lines(text), start=1):
         if i in head:
             result.append(line)
             continue

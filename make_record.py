@@ -31,8 +31,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from build_wrapper import WrapperError, extract_source, make_wrapper
-from train_gpt import ModelConfig, setting_text, write_atomic
+from build_wrapper import WrapperError, extract_source, make_wrapper, split_lines
+from train_gpt import ConfigError, Hyperparameters, env_text, finite_or_null, parse_setting, write_atomic
 
 MAX_ARTIFACT_BYTES = 16_000_000
 MAX_TRAIN_MS = 600_000  # training + GPTQ
@@ -51,6 +51,7 @@ INT_KEYS = ("seed", "code_bytes", "model_bytes", "total_bytes", "steps", "train_
             "train_total_ms", "eval_total_ms")
 ENV_KEYS = ("torch", "gpu", "gpu_name", "gpu_count", "world_size", "tokenizer_sha256",
             "data_fingerprint")
+DEFAULTS = {f.name: f.default for _, f in Hyperparameters.declared()}  # every setting, with its type
 # torch.cuda.get_device_name -> upstream's hardware wording
 GPU_NAMES = {"NVIDIA H100 80GB HBM3": "H100 80GB SXM", "NVIDIA H100 PCIe": "H100 80GB PCIe",
              "NVIDIA H200": "H200 141GB SXM"}
@@ -65,8 +66,7 @@ class RecordError(RuntimeError):
 def split_runs(text: str) -> list[str]:
     """One segment per run: a log holds several when a RUN_ID is reused (train_gpt.py appends);
     each run starts with a ``run_id: `` line, and text before the first one joins the first."""
-    parts = text.split("\n")  # not splitlines: it also splits at \x0c, \x1c-\x1e, \x85, \u2028 ...
-    lines = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    lines = split_lines(text)
     starts = [i for i, l in enumerate(lines) if l.startswith("run_id: ")][1:]
     return ["".join(lines[a:b]) for a, b in zip([0] + starts, starts + [len(lines)])]
 
@@ -168,15 +168,13 @@ def hardware_name(env: dict) -> str:
 
 
 def _hp_value(hp: dict, name: str):
-    v = hp.get(name)
-    if v in ("True", "False"):
-        return v == "True"
-    for kind in (int, float):
-        try:
-            return kind(v)
-        except (TypeError, ValueError):
-            pass
-    return v
+    """A logged setting parsed with its declared type (train_gpt's parser); None if absent or unparsable."""
+    if name not in hp or name not in DEFAULTS:
+        return None
+    try:
+        return parse_setting(name, hp[name], DEFAULTS[name])
+    except ConfigError:
+        return None
 
 
 def technique_summary(hp: dict) -> str:
@@ -187,10 +185,10 @@ def technique_summary(hp: dict) -> str:
         parts.append(f"SP{g('vocab_size')}")
     if g("num_layers") and g("model_dim"):
         parts.append(f"{g('num_layers')}x{g('model_dim')} transformer"
-                     + (f" (MLP {g('mlp_mult'):g}x)" if isinstance(g("mlp_mult"), float) else ""))
-    if hp.get("recur_layers"):  # raw: layer lists such as "0" are not numbers
+                     + (f" (MLP {g('mlp_mult'):g}x)" if g("mlp_mult") else ""))
+    if hp.get("recur_layers"):  # layer lists as logged, e.g. 4,5
         parts.append(f"depth recurrence on layers {hp['recur_layers']}")
-    if isinstance(g("parallel_start_layer"), int) and g("parallel_start_layer") > 0:
+    if (g("parallel_start_layer") or 0) > 0:
         parts.append(f"parallel residual lanes from layer {g('parallel_start_layer')}")
     if g("ve_enabled") and hp.get("ve_layers"):
         parts.append(f"value embeddings on layers {hp['ve_layers']}")
@@ -206,15 +204,12 @@ def technique_summary(hp: dict) -> str:
 
 
 def _env_assignment(name: str, value) -> str:
-    # the env var's spelling: booleans 0/1, layer lists (JSON lists in the summary) comma-separated
-    v = tuple(value) if isinstance(value, list) else value
-    v = ("1" if v else "0") if isinstance(v, bool) else setting_text(v)
-    return f"{name.upper()}={shlex.quote(v)}"
+    return f"{name.upper()}={shlex.quote(env_text(value))}"  # layer lists arrive as JSON lists
 
 
 def reproduce_lines(runs: list[dict]) -> list[str]:
     s0 = runs[0]["summary"]
-    vocab = _hp_value(runs[0]["hparams"], "vocab_size") or ModelConfig().vocab_size
+    vocab = _hp_value(runs[0]["hparams"], "vocab_size") or DEFAULTS["vocab_size"]
     prep = f"python data/prepare.py download --variant sp{vocab}"
     if s0["env"].get("train_shards"):
         prep += f" --train-shards {s0['env']['train_shards']}"
@@ -389,19 +384,6 @@ def _replace_dir(new: str, out: str) -> None:
     shutil.rmtree(aside_dir, ignore_errors=True)
 
 
-def _json_safe(x, where="", bad=None):
-    """Non-finite floats (e.g. a diverged TTT score) become None."""
-    if isinstance(x, float) and not math.isfinite(x):
-        if bad is not None:
-            bad.append(where)
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v, f"{where}.{k}" if where else str(k), bad) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v, f"{where}[{i}]", bad) for i, v in enumerate(x)]
-    return x
-
-
 def check_runs(runs: list[dict], accepted: dict, wrapper_bytes: int) -> None:
     """Per-log limits and cross-log consistency; raises :class:`RecordError`."""
     S = [r["summary"] for r in runs]
@@ -534,7 +516,7 @@ def submission(runs: list[dict], meta: dict, code_bytes: int, baseline_pr, basel
             "pre_quant": s.get("pre_quant"), "scores": s["scores"],
             "peak_memory_mib": s.get("peak_memory_mib"), "run_id": s.get("run_id"), "env": s["env"]}
     bad: list[str] = []
-    sub = _json_safe(sub, bad=bad)
+    sub = finite_or_null(sub, bad=bad)  # e.g. a diverged TTT score
     if bad:
         print(f"warning: non-finite values written as null: {', '.join(bad)}", file=sys.stderr)
     return sub

@@ -392,8 +392,7 @@ def main(argv=None) -> int:
             val = sorted(ds[0].glob("fineweb_val_*.bin"))
             val_tokens = t.load_shard(val[0]) if val else None
     # CPU: the smoke config (4 layers x 64, sequence 128) for the model and the run; dynamo traces, no codegen
-    tiny = {} if cuda else {k.upper(): t.setting_text(v) for k, v in t.SMOKE_OVERRIDES.items()
-                         if k not in ("data_dir", "out_dir")}
+    tiny = {} if cuda else {k: v for k, v in t.smoke_env().items() if k not in ("DATA_DIR", "OUT_DIR")}
     model_env = tiny | {"VOCAB_SIZE": str(vocab)}
     train_seconds = args.train_seconds or (150 if cuda else 10)
     train_env = {"VOCAB_SIZE": str(vocab), "MAX_WALLCLOCK_SECONDS": f"{train_seconds:g}", "TRAIN_LOG_EVERY": "10"}

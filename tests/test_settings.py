@@ -34,18 +34,12 @@ def declared_comments() -> list:
     return rows
 
 
-def env_text(value) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return t.setting_text(value)
-
-
 def settings_table() -> str:
     defaults = {f.name: f.default for _, f in t.Hyperparameters.declared()}
     lines = ["| group | variable | default | meaning |", "|---|---|---|---|"]
     last = None
     for group, name, comment in declared_comments():
-        default = f"`{env_text(defaults[name])}`" if env_text(defaults[name]) else "empty"
+        default = f"`{t.env_text(defaults[name])}`" if t.env_text(defaults[name]) else "empty"
         lines.append(f"| {group if group != last else ''} | `{name.upper()}` | {default} | {comment} |")
         last = group
     return "\n".join(lines)

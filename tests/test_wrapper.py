@@ -310,8 +310,8 @@ def test_strip_only_splits_on_newline():
     exec(s, ns_b)
     assert (ns_b["x"], ns_b["y"], ns_b["f"]()) == (ns_a["x"], ns_a["y"], ns_a["f"]())
     assert "omment" not in s and "doc" not in s and "tail" not in s
-    assert bw._split_lines("a\u2028b\x0cc\nd\n") == ["a\u2028b\x0cc\n", "d\n"]
-    assert bw._split_lines("a\n\nb") == ["a\n", "\n", "b"] and bw._split_lines("") == []
+    assert bw.split_lines("a\u2028b\x0cc\nd\n") == ["a\u2028b\x0cc\n", "d\n"]
+    assert bw.split_lines("a\n\nb") == ["a\n", "\n", "b"] and bw.split_lines("") == []
 
 
 def test_import_has_no_side_effects(tmp_path):
