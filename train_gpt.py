@@ -27,6 +27,7 @@ import threading
 import time
 import traceback
 import uuid
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -51,21 +52,21 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class ModelConfig:
     """The network's shape and init: the model's settings, stored in the artifact's header."""
-    vocab_size: int = 4096  # tokenizer pieces (tokens are uint16)
-    num_layers: int = 11
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4  # grouped-query attention
-    mlp_mult: float = 4.0  # MLP width / MODEL_DIM
+    vocab_size: int = 4096  # tokenizer pieces, 1..65536 (tokens are uint16)
+    num_layers: int = 11  # >= 1
+    model_dim: int = 512  # >= 1, a multiple of NUM_HEADS
+    num_heads: int = 8  # >= 1
+    num_kv_heads: int = 4  # grouped-query attention; >= 1, divides NUM_HEADS
+    mlp_mult: float = 4.0  # MLP width / MODEL_DIM; > 0
     xsa_last_n: int = 11  # exclusive self-attention in the last N layers
     skip_gates_enabled: bool = True  # sigmoid gates on the U-Net skips
-    logit_softcap: float = 30.0
-    rope_base: float = 10000.0
+    logit_softcap: float = 30.0  # > 0
+    rope_base: float = 10000.0  # > 0
     rope_dims: int = 16  # partial RoPE: rotated dims per head
     ln_scale: bool = True  # block inputs scaled by 1/sqrt(layer + 1)
     ve_dim: int = 128  # value-embedding width
     ve_layers: tuple = (9, 10)  # layers whose values get the value embedding
-    qk_gain_init: float = 5.0
+    qk_gain_init: float = 5.0  # any sign
     recur_layers: tuple = (4, 5)  # depth recurrence: repeated once, right after the last of them; empty: off
     parallel_start_layer: int = 7  # first layer of the parallel residual lanes; 0: off
     max_seq_len: int = 2048  # not a setting: max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN), the RoPE tables' length
@@ -85,51 +86,51 @@ class Hyperparameters:
     tokenizer_path: str = ""  # overrides the DATA_DIR layout
     out_dir: str = "."  # artifacts go to OUT_DIR/, logs to OUT_DIR/logs/
     run_id: str = ""  # log name; empty: a uuid4
-    seed: int = 1337  # init and data order
+    seed: int = 1337  # init and data order; below 2^32
     # length & schedule
-    iterations: int = 20000  # step cap (the wallclock cap usually ends training first)
-    warmdown_frac: float = 0.667  # LR falls linearly to MIN_LR over this last fraction of the budget
+    iterations: int = 20000  # >= 1; step cap (the wallclock cap usually ends training first)
+    warmdown_frac: float = 0.667  # in [0, 1]: LR falls linearly to MIN_LR over this last fraction of the budget
     warmup_steps: int = 20  # compile warmup; weights, optimizers and data are restored after it
-    max_wallclock_seconds: float = 600.0  # 0: run ITERATIONS and schedule by step
-    min_lr: float = 0.0  # floor of the LR multiplier in the warmdown
+    max_wallclock_seconds: float = 600.0  # > GPTQ_RESERVE_SECONDS; 0: run ITERATIONS and schedule by step
+    min_lr: float = 0.0  # floor of the LR multiplier in the warmdown, in [0, 1]
     # batch & sequence
-    train_batch_tokens: int = 786432  # per optimizer step, all ranks together
-    train_seq_len: int = 2048  # tokens per training sequence
+    train_batch_tokens: int = 786432  # per optimizer step, all ranks together: a positive multiple of 8 x TRAIN_SEQ_LEN
+    train_seq_len: int = 2048  # tokens per training sequence; >= 1
     eval_seq_len: int = 0  # 0: TRAIN_SEQ_LEN (EVAL_ONLY: the artifact's)
     # logging & validation
-    train_log_every: int = 500  # a train_loss line every N steps (and steps 1-5)
-    val_batch_tokens: int = 524288  # tokens per evaluation batch, all ranks together
+    train_log_every: int = 500  # a train_loss line every N steps (and steps 1-5); 0: steps 1-5 only
+    val_batch_tokens: int = 524288  # tokens per evaluation batch, all ranks together; >= 1
     val_loss_every: int = 4000  # 0: only at the end
     sliding_window_enabled: bool = True  # the scored eval; 0: the non-overlapping one is reported
-    eval_stride: int = 64  # sliding-window stride: each scored token sees >= EVAL_SEQ_LEN - stride context
+    eval_stride: int = 64  # sliding-window stride, 1..EVAL_SEQ_LEN: scored tokens see >= EVAL_SEQ_LEN - stride context
     # architecture (the rest is the model's: ModelConfig)
     ve_enabled: bool = True  # value embeddings; 0: VE_LAYERS ignored
     recur_start_step: int = -1  # step that switches recurrence on; -1: use RECUR_START_FRAC
-    recur_start_frac: float = 0.5  # fraction of the training budget that switches recurrence on
+    recur_start_frac: float = 0.5  # in [0, 1]: fraction of the training budget that switches recurrence on
     # optimizer
     tied_embed_lr: float = 0.03
     matrix_lr: float = 0.02
     scalar_lr: float = 0.02
-    muon_momentum: float = 0.99
+    muon_momentum: float = 0.99  # in [0, 1)
     muon_backend_steps: int = 5  # Newton-Schulz iterations
-    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_start: float = 0.92  # in [0, 1)
     muon_momentum_warmup_steps: int = 1500
     muon_wd: float = 0.09
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
+    beta1: float = 0.9  # in [0, 1)
+    beta2: float = 0.95  # in [0, 1)
+    adam_eps: float = 1e-8  # > 0
     grad_clip_norm: float = 0.3  # 0: off
     adam_wd: float = 0.02
     embed_wd: float = 0.09
-    ema_decay: float = 0.997
+    ema_decay: float = 0.997  # in [0, 1)
     # devices
     attn_backend: str = "auto"  # auto|fa3|cudnn|flash|efficient|math (auto: the first that passes the probe)
     compile: str = "auto"  # auto|0|1 (auto: on for CUDA)
     # export
     gptq_enabled: bool = True  # 0: round-to-nearest
-    gptq_calibration_batches: int = 64  # micro-batches, all ranks together
+    gptq_calibration_batches: int = 64  # micro-batches, all ranks together; >= 1
     gptq_reserve_seconds: float = 10.0  # cut from the training budget for calibration and quantization
-    artifact_bytes_limit: int = 16_000_000  # code + compressed model; the rate search fills it
+    artifact_bytes_limit: int = 16_000_000  # code + compressed model (>= 1); the rate search fills it
     export_only: str = ""  # a run's final_model.pt: calibrate, quantize, write and evaluate it again
     # evaluation
     eval_only: str = ""  # an artifact to evaluate
@@ -137,10 +138,10 @@ class Hyperparameters:
     ttt_enabled: bool = False  # score-first test-time training
     ttt_lr: float = 0.002
     ttt_epochs: int = 3
-    ttt_chunk_tokens: int = 32768
-    ttt_freeze_blocks: int = 0
-    ttt_momentum: float = 0.9
-    ttt_batch_seqs: int = 32
+    ttt_chunk_tokens: int = 32768  # >= 1
+    ttt_freeze_blocks: int = 0  # 0..NUM_LAYERS
+    ttt_momentum: float = 0.9  # in [0, 1)
+    ttt_batch_seqs: int = 32  # >= 1
     ttt_grad_clip: float = 1.0
     slot_enabled: bool = False  # context-only SLOT (a non-record evaluation)
     slot_steps: int = 8
@@ -202,41 +203,57 @@ class Hyperparameters:
         return self.compile == "1" or (self.compile == "auto" and torch.cuda.is_available())
 
     def validate(self):
+        """Raise ConfigError at the first impossible setting. Two rules cover every number, settings added later
+        included: it is finite, and >= 0 unless a range below (or SIGNED) says otherwise."""
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
         h, m, last = self, self.model, self.model.num_layers - 1
-        need(m.num_heads >= 1 and m.num_kv_heads >= 1, "NUM_HEADS and NUM_KV_HEADS must be at least 1")
+        get = lambda name: getattr(m if hasattr(m, name) else h, name)
+        numbers = [f.name for _, f in self.declared() if type(f.default) in (int, float)]
+
+        def each(names, ok, what):
+            for name in names.split() if isinstance(names, str) else names:
+                need(ok(get(name)), f"{name.upper()}={get(name)} must be {what}")
+        each([n for n in numbers if type(get(n)) is float], math.isfinite, "a finite number")
+        each("vocab_size num_layers model_dim num_heads num_kv_heads iterations train_batch_tokens train_seq_len "
+             "val_batch_tokens eval_stride gptq_calibration_batches artifact_bytes_limit ttt_chunk_tokens "
+             "ttt_batch_seqs", lambda v: v >= 1, "at least 1")
+        each("warmdown_frac recur_start_frac min_lr", lambda v: 0 <= v <= 1, "in [0, 1]")
+        each("ema_decay beta1 beta2 muon_momentum muon_momentum_warmup_start ttt_momentum", lambda v: 0 <= v < 1,
+             "in [0, 1)")
+        each("mlp_mult logit_softcap rope_base adam_eps", lambda v: v > 0, "> 0")
+        each("recur_start_step", lambda v: v >= -1, ">= 0, or -1 (RECUR_START_FRAC decides)")
+        each("seed", lambda v: v < 2**32, "below 2^32 (the data order reads 32 bits of it)")
+        each([n for n in numbers if n not in SIGNED], lambda v: v >= 0, ">= 0")
+        need(m.vocab_size <= 65536, f"VOCAB_SIZE={m.vocab_size} must fit uint16 tokens (<= 65536)")
         need(m.model_dim % m.num_heads == 0, f"MODEL_DIM={m.model_dim} is not divisible by NUM_HEADS={m.num_heads}")
         need(m.num_heads % m.num_kv_heads == 0, f"NUM_HEADS={m.num_heads} is not a multiple of NUM_KV_HEADS")
+        need(int(m.mlp_mult * m.model_dim) >= 1, f"MLP_MULT={m.mlp_mult} gives no MLP unit at MODEL_DIM={m.model_dim}")
         hd = m.model_dim // m.num_heads
-        need(m.rope_dims % 2 == 0 and 0 <= m.rope_dims <= hd, f"ROPE_DIMS={m.rope_dims} must be even, <= {hd}")
-        need(m.num_layers >= 1, f"NUM_LAYERS={m.num_layers} must be at least 1")
+        need(m.rope_dims % 2 == 0 and m.rope_dims <= hd, f"ROPE_DIMS={m.rope_dims} must be even, <= {hd}")
         for name, layers in (("RECUR_LAYERS", m.recur_layers), ("VE_LAYERS", h.ve)):
             need(all(0 <= l <= last for l in layers), f"{name}={layers} has layers outside 0..{last}")
             need(list(layers) == sorted(set(layers)), f"{name}={layers} must list distinct layers in increasing order")
-        need(0 <= m.parallel_start_layer <= last, f"PARALLEL_START_LAYER={m.parallel_start_layer} not in 0..{last}")
-        need(m.xsa_last_n >= 0, f"XSA_LAST_N={m.xsa_last_n} must be >= 0 (>= NUM_LAYERS: every layer)")
+        need(m.parallel_start_layer <= last, f"PARALLEL_START_LAYER={m.parallel_start_layer} not in 0..{last}")
         need(m.ve_dim >= 1 or not h.ve, f"VE_DIM={m.ve_dim} must be at least 1 when VE_LAYERS are set")
         need(h.world_size in (1, 2, 4, 8), f"WORLD_SIZE={h.world_size} must divide 8")
         need(h.train_batch_tokens % h.train_seq_len == 0,
              f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
         need(h.train_seqs % 8 == 0, f"TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN={h.train_seqs} sequences must split into "
              "8 equal micro-batches (world_size x grad_accum = 8)")
-        need(1 <= h.eval_stride <= (h.eval_seq_len or h.eval_stride), f"EVAL_STRIDE={h.eval_stride} > EVAL_SEQ_LEN")
-        need(0 < m.vocab_size <= 65536, f"VOCAB_SIZE={m.vocab_size} must fit uint16 tokens")
-        for name in ("warmdown_frac", "recur_start_frac"):
-            need(0.0 <= getattr(h, name) <= 1.0, f"{name.upper()}={getattr(h, name)} must be in [0, 1]")
-        need(0.0 <= h.ema_decay < 1.0, f"EMA_DECAY={h.ema_decay} must be in [0, 1)")
-        need(h.iterations >= 1 and h.gptq_calibration_batches >= 1, "ITERATIONS, GPTQ_CALIBRATION_BATCHES must be >= 1")
-        need(h.max_wallclock_seconds <= 0 or h.max_wallclock_seconds > h.gptq_reserve_seconds,
+        need(h.eval_stride <= (h.eval_seq_len or h.eval_stride),
+             f"EVAL_STRIDE={h.eval_stride} must be at most EVAL_SEQ_LEN={h.eval_seq_len}")
+        need(h.max_wallclock_seconds == 0 or h.max_wallclock_seconds > h.gptq_reserve_seconds,
              f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} leaves no time after GPTQ_RESERVE_SECONDS")
         need(h.attn_backend in ("auto", "math", *(ATTN_KINDS if torch.cuda.is_available() else ())),
              f"ATTN_BACKEND={h.attn_backend} must be auto|math, or fa3|cudnn|flash|efficient on a CUDA machine")
+        need(h.attn_backend != "fa3" or _flash_attn_func is not None,
+             f"ATTN_BACKEND=fa3 but FlashAttention-3 is not importable ({FA3_MISSING}): install flash_attn_interface "
+             "(Hopper) or use ATTN_BACKEND=auto")
         need(h.compile in ("auto", "0", "1"), f"COMPILE={h.compile} must be auto, 0 or 1")
-        need(h.ttt_chunk_tokens >= 1 and h.ttt_batch_seqs >= 1 and h.ttt_epochs >= 0 and h.slot_steps >= 0,
-             "TTT_CHUNK_TOKENS and TTT_BATCH_SEQS must be positive, TTT_EPOCHS and SLOT_STEPS non-negative")
-        need(0 <= h.ttt_freeze_blocks <= m.num_layers, f"TTT_FREEZE_BLOCKS={h.ttt_freeze_blocks} out of range")
+        need(h.ttt_freeze_blocks <= m.num_layers, f"TTT_FREEZE_BLOCKS={h.ttt_freeze_blocks} not in 0..NUM_LAYERS")
+        need(Path(h.run_id).name == h.run_id, f"RUN_ID={h.run_id!r} must be a file name (it names logs/RUN_ID.txt)")
         need(not (h.eval_only and h.export_only), "set EVAL_ONLY or EXPORT_ONLY, not both")
 
     def lines(self) -> list:
@@ -246,6 +263,7 @@ class Hyperparameters:
         return ["Hyperparameters:"] + [f"  {k}: {setting_text(v)}" for k, v in values]
 
 NOT_SETTINGS = ("model", "rank", "world_size", "local_rank", "non_default", "max_seq_len")  # fields, not settings
+SIGNED = ("recur_start_step", "qk_gain_init")  # the numbers that may be negative (validate: the others are >= 0)
 
 # SMOKE=1: a one-minute CPU run on the embedded sample (data/prepare.py sample builds it); env vars still win.
 SMOKE_OVERRIDES = dict(
@@ -452,10 +470,15 @@ def causal_attention(q, k, v, backend: str):
         k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
 
+def error_text(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
 try:  # FlashAttention-3 (Hopper), used when importable
     from flash_attn_interface import flash_attn_func as _flash_attn_func
-except ImportError:
-    _flash_attn_func = None
+    FA3_MISSING = ""
+except Exception as e:  # not installed, or a broken build that fails while registering its ops: logged by the probe
+    _flash_attn_func, FA3_MISSING = None, error_text(e)
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, xsa: bool):
@@ -646,8 +669,9 @@ class GPT(nn.Module):
                           for i in range(0, len(y), rows)]).view_as(targets[:, start:])
 
 def flops_per_token(model: GPT, recur: bool, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x the weights it multiplies through (recurrent passes counted, the tied head
-    included) + 6 x layers x seq_len x d for causal attention."""
+    """Model FLOPs of one training token (MFU's numerator; README: MFU): 6 x the weights it multiplies through
+    (recurrent passes counted, the tied head included) + 6 x layer passes x seq_len x d for causal attention (QK^T
+    and AV over the causal half: 2 x seq_len x d forward, the backward twice that, no recompute)."""
     order = model.recur_order if recur else range(len(model.blocks))
     mats = sum(m.weight.numel() for l in order for m in model.blocks[l].modules() if isinstance(m, nn.Linear))
     return 6 * (mats + model.tok_emb.weight.numel()) + 6 * len(order) * seq_len * model.cfg.model_dim
@@ -768,31 +792,53 @@ class EMA:
 
 # ============================================================================ training loop
 
-class AgreedClock:
-    """Elapsed training time that all ranks agree on, with no host sync per step: each step's host-measured
-    time is all-reduced (MAX) on the device and read back `lag` steps later, so every rank derives the same
-    LR, recurrence switch and stop decision."""
+class Diverged(RuntimeError):
+    """Training or a score went non-finite, seen by every rank at the same point: one `error:` line, exit code 1,
+    no checkpoint or artifact left (an artifact whose own evaluation is non-finite is removed)."""
 
-    def __init__(self, device: torch.device, world: int, lag: int = 2):
-        self.device, self.world = device, world
+class AgreedClock:
+    """Elapsed training time, and which ranks' losses went non-finite, agreed by all ranks with no host sync per
+    step: each step's host-measured time and one non-finite-loss flag per rank ride in one tensor, all-reduced (MAX)
+    on the device and read back `lag` steps later, so every rank derives the same LR, recurrence switch and stop
+    decision, and every rank sees a divergence at the same step."""
+
+    def __init__(self, device: torch.device, world: int, rank: int = 0, lag: int = 2):
+        self.device, self.world, self.rank = device, world, rank
         self.lag = lag if device.type == "cuda" else 0
         self.pending, self.value, self.value_step = [], 0.0, 0
+        self.last_finite = torch.full((), math.nan, device=device)  # this rank's last finite loss, on the device
+        self.diverged = None  # (first step with a non-finite loss, [its ranks], this rank's last finite loss)
 
-    def push(self, step: int, ms: float):
+    def push(self, step: int, ms: float, loss: torch.Tensor):
         cuda = self.device.type == "cuda"
-        t = torch.tensor([ms], dtype=torch.float64, pin_memory=cuda).to(self.device, non_blocking=True)
+        finite = torch.isfinite(loss)
+        self.last_finite = torch.where(finite, loss.float(), self.last_finite)
+        t = torch.zeros(1 + self.world, dtype=torch.float64, pin_memory=cuda)
+        t[0] = ms
+        t = t.to(self.device, non_blocking=True)
+        t[1 + self.rank] = (~finite).to(torch.float64)  # on the device: no sync
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out = torch.empty(1, dtype=torch.float64, pin_memory=cuda).copy_(t, non_blocking=cuda)
+        out = torch.empty(1 + self.world, dtype=torch.float64, pin_memory=cuda).copy_(t, non_blocking=cuda)
         ev = torch.cuda.Event() if cuda else None
         if cuda:
             ev.record()
-        self.pending.append((step, out, ev))
+        self.pending.append((step, out, ev, self.last_finite))
         while len(self.pending) > self.lag:
-            s, out, ev = self.pending.pop(0)
-            if ev is not None:
-                ev.synchronize()  # recorded `lag` steps ago: the GPU has long passed it
-            self.value, self.value_step = out.item(), s
+            self._read(*self.pending.pop(0))
+
+    def _read(self, step: int, out: torch.Tensor, ev, last_finite: torch.Tensor):
+        if ev is not None:
+            ev.synchronize()  # recorded `lag` steps ago: the GPU has long passed it
+        self.value, *flags = out.tolist()
+        self.value_step = step
+        if any(flags) and self.diverged is None:
+            self.diverged = (step, [r for r, bad in enumerate(flags) if bad], last_finite.item())
+
+    def flush(self):
+        """Read back every pending step (where the loop syncs anyway: validation, the end of training)."""
+        while self.pending:
+            self._read(*self.pending.pop(0))
 
     def estimate(self, step: int) -> float:
         """Agreed elapsed time extrapolated to `step` by the mean step time so far."""
@@ -840,10 +886,22 @@ def peak_memory(device) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     return dict(allocated=rss, reserved=rss)
 
+PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peak per GPU (datasheets), by torch.cuda.get_device_name exactly
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # H200 SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+}
+
 def peak_flops(device) -> float:
-    """Dense bf16 peak per GPU, for the MFU estimate; 0 when unknown."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((v for k, v in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if k in name), 0.0)
+    """MFU's denominator per GPU (logged as env: peak_bf16_tflops); 0 when the device is not in the table."""
+    return PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(device), 0.0) if device.type == "cuda" else 0.0
 
 def compile_warmup(hp, base: GPT, model, device, make_stream, log, ns_fn):
     """WARMUP_STEPS real steps that compile the training graphs (the second half with recurrence on) before the
@@ -869,7 +927,7 @@ class TrainResult:
 
 def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r_update) -> TrainResult:
     """Compile warmup (both graphs), then the wallclock-capped loop; val_fn() scores `base`. Leaves the EMA in
-    `base`."""
+    `base`. Raises Diverged on every rank, within AgreedClock's lag, once a rank's loss is NaN or infinite."""
     use_recur = bool(base.cfg.recur_layers)
     if hp.use_compile and hp.warmup_steps > 0:
         compile_warmup(hp, base, model, device, make_stream, log, ns_fn)
@@ -877,10 +935,21 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
     ema = EMA(base, hp.ema_decay)
     cap_ms = 1000 * (hp.max_wallclock_seconds - hp.gptq_reserve_seconds) if hp.max_wallclock_seconds > 0 else 0
     log(f"gptq:reserving {hp.gptq_reserve_seconds:g}s, effective={cap_ms:.0f}ms" if cap_ms else "wallclock: no cap")
-    clock = AgreedClock(device, hp.world_size)
+    clock = AgreedClock(device, hp.world_size, hp.rank)
     flops = {r: flops_per_token(base, r, hp.train_seq_len) for r in (False, True)}
     step, stop, train_ms, total_flops = 0, False, 0.0, 0.0
-    curve = dict(train=[], val=[])
+    curve, mults = dict(train=[], val=[]), {}  # mults: the LR multiplier of each step, for the divergence report
+
+    def check():
+        if clock.diverged:
+            bad, ranks, loss0 = clock.diverged
+            lrs = " ".join(f"{k} {v * mults[bad]:.4g}" for k, v in (("matrix", hp.matrix_lr), ("tied_embed",
+                           hp.tied_embed_lr), ("scalar", hp.scalar_lr)))
+            on = f" on rank {','.join(map(str, ranks))}" if hp.world_size > 1 else ""
+            mine = " (rank 0's)" if hp.world_size > 1 else ""
+            raise Diverged(f"training diverged: train_loss is not finite at step {bad}/{iters}{on} (last finite "
+                           f"train_loss{mine}: {f'{loss0:.4f}' if math.isfinite(loss0) else 'none'}); learning rates "
+                           f"at that step{mine}: {lrs}; nothing written")
     graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiles, g0 = 0, graphs()  # graphs compiled inside the timed loop (paused validation excluded)
     tokens_per_step, iters = hp.train_batch_tokens, hp.iterations
@@ -891,6 +960,8 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
         last = step == iters or stop
         if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
             sync(device)
+            clock.flush()
+            check()
             train_ms += 1000 * (time.perf_counter() - t0)
             compiles += graphs() - g0
             if stop:
@@ -907,21 +978,22 @@ def train(hp, base: GPT, model, device, make_stream, val_fn, log, ns_fn=muoneq_r
                 step >= hp.recur_start_step if hp.recur_start_step >= 0 else frac >= hp.recur_start_frac):
             base.recur_active = True
             log(f"recurrence:activated at step {step}, virtual_layers={base.recur_order}")
-        loss = train_step(model, base, opts, next_tokens, hp, step,
-                          lr_multiplier(frac, hp.warmdown_frac, hp.min_lr), device)
+        mults[step + 1] = lr_multiplier(frac, hp.warmdown_frac, hp.min_lr)
+        loss = train_step(model, base, opts, next_tokens, hp, step, mults[step + 1], device)
         ema.update()
         total_flops += flops[base.recur_active] * tokens_per_step
         step += 1
         if step < iters:
             next_tokens = to_device(stream.next_batch(), device)  # host work overlaps the queued step
         now_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        clock.push(step, now_ms)
+        clock.push(step, now_ms, loss)
         if step <= 5 or (hp.train_log_every > 0 and step % hp.train_log_every == 0):
             sync(device)
             now_ms = train_ms + 1000 * (time.perf_counter() - t0)
             tok_s, train_loss = step * tokens_per_step / (now_ms / 1000), loss.item()
             log(f"{step}/{iters} train_loss: {train_loss:.4f} train_time: {now_ms / 60000:.2f}m tok/s: {tok_s:.0f}")
             curve["train"].append([step, round(now_ms), train_loss, round(tok_s)])
+        check()
         if cap_ms and clock.estimate(step) >= cap_ms:
             stop = True
     peak = peak_memory(device)
@@ -1292,8 +1364,11 @@ def compress(blob: bytes, threads: int = 0, quality: int = 11) -> bytes:
 
 def decompress(data: bytes) -> bytes:
     import brotli
-    (n,) = struct.unpack("<I", data[:4])
-    ends = np.cumsum((4 + 4 * n,) + struct.unpack(f"<{n}I", data[4:4 + 4 * n])).tolist()
+    n = struct.unpack("<I", data[:4])[0] if len(data) >= 4 else len(data)
+    sizes = struct.unpack(f"<{n}I", data[4:4 + 4 * n]) if 4 + 4 * n <= len(data) else None
+    if sizes is None or 4 + 4 * n + sum(sizes) != len(data):
+        raise ValueError("not a compressed artifact of train_gpt.py: its chunk table does not match its size")
+    ends = np.cumsum((4 + 4 * n,) + sizes).tolist()
     return b"".join(brotli.decompress(data[a:b]) for a, b in zip(ends, ends[1:]))
 
 def export_model(search: RateSearch, cfg: ModelConfig, code_bytes: int, limit: int, device, log) -> tuple:
@@ -1398,11 +1473,19 @@ def save_checkpoint(path: Path, model: GPT, cfg: ModelConfig) -> int:
 
 def load_checkpoint(path: Path, fallback: ModelConfig) -> tuple:
     """EXPORT_ONLY: (config, state dict) of a saved final_model.pt. The config comes from the .json beside it,
-    else from the hyperparameters (`fallback`); names and shapes must match that architecture exactly."""
+    else from the hyperparameters (`fallback`); names and shapes must match that architecture exactly, and every
+    weight must be finite."""
+    what = f"EXPORT_ONLY={path} is not a checkpoint (the final_model.pt a training run writes)"
+    if not path.is_file():
+        raise ConfigError(f"EXPORT_ONLY={path}: no such file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise ConfigError(f"{what}: it is not a torch.save file")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"EXPORT_ONLY={path}: cannot load checkpoint ({e})") from None
+        raise ConfigError(f"{what}: torch.load fails ({error_text(e)})") from None
+    if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
+        raise ConfigError(f"{what}: it holds no state dict of tensors")
     meta = path.with_suffix(".json")
     try:
         cfg = ModelConfig(**json.loads(meta.read_text())["config"]) if meta.is_file() else fallback
@@ -1411,11 +1494,14 @@ def load_checkpoint(path: Path, fallback: ModelConfig) -> tuple:
     source = meta if meta.is_file() else "the hyperparameters"
     with torch.device("meta"):
         want = {n: tuple(v.shape) for n, v in GPT(cfg).state_dict().items()}
-    got = {n: tuple(v.shape) for n, v in sd.items() if torch.is_tensor(v)} if isinstance(sd, dict) else {}
+    got = {n: tuple(v.shape) for n, v in sd.items()}
     if got != want:
         bad = sorted(set(got) ^ set(want)) or [n for n in want if got[n] != want[n]]
         raise ConfigError(f"EXPORT_ONLY={path} does not match the architecture from {source}: {bad[0]} "
                           f"{got.get(bad[0], 'missing')} vs {want.get(bad[0], 'unexpected')}")
+    bad = next((n for n, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad:
+        raise ConfigError(f"EXPORT_ONLY={path} holds non-finite weights ({bad}): the run that wrote it diverged")
     return cfg, sd
 
 def check_roundtrip(packed: dict, loaded: dict):
@@ -1451,7 +1537,7 @@ class Evaluator:
     SLOT, or the model TTT adapts), and reduces the sums over ranks."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_tokens: int, luts, device, rank=0, world=1,
-                 compile_fn=None):
+                 compile_fn=None, kernels=(), kernel_of=None):
         self.tok = torch.from_numpy(tokens.astype(np.int64)).to(device)
         self.n = len(tokens) - 1
         self.L, self.device, self.rank, self.world = min(seq_len, self.n), device, rank, world
@@ -1461,6 +1547,23 @@ class Evaluator:
         self.rows = 0 if device.type == "cuda" else max(1, (1 << 21) // len(luts[0]))  # CPU head: 8 MiB logits
         self.luts = tuple(t.to(device) for t in luts)
         self.compile_fn = compile_fn
+        self.kernels = kernels  # SDPA kinds an evaluation may use, the training's first; empty: SDPA's defaults
+        self.kernel_of = kernel_of  # (batch, length, grad) -> the attention kernel that runs there, for the record
+        self.ran = {}  # (batch, length, grad) -> kernel, for the current evaluation
+
+    def attention(self):
+        """Every SDPA kernel for an evaluation, the training's first (training pins it alone): a shape it refuses
+        (cuDNN: sequence length 1, as TTT's last piece of a chunk can be) falls back to the next instead of failing.
+        A compiled evaluation traces inside this context, so it compiles the same choice."""
+        if not self.kernels:
+            return nullcontext()
+        return sdpa_kernel([SDPA_BACKENDS[k] for k in self.kernels], set_priority=True)
+
+    def note(self, x: torch.Tensor, grad: bool = False):
+        """Records which attention kernel runs on inputs x (batch, length)."""
+        key = (*x.shape, grad)
+        if self.kernel_of is not None and key not in self.ran:
+            self.ran[key] = self.kernel_of(*key)
 
     def windows(self, idx, length=None):
         """(x, y): `length` (default L) inputs starting at each of idx (b,), and the targets one token on."""
@@ -1496,6 +1599,7 @@ class Evaluator:
 
     def start(self, dump: bool) -> Tally:
         sync(self.device)
+        self.ran = {}
         return Tally(time.perf_counter(), torch.zeros(3, dtype=torch.float64, device=self.device),
                      torch.zeros(self.n, device=self.device) if dump else None)
 
@@ -1503,6 +1607,7 @@ class Evaluator:
         """Adds the NLL of every scored position of this rank's share of `wins` to the tally (and its dump)."""
         for starts, s0 in self.batches(wins):
             x, y = self.windows(starts)
+            self.note(x)
             nll = nll_fn(x, y, s0)
             tally.sums[0] += nll.double().sum()  # device-side sums: no host sync per batch
             tally.sums[1] += nll.numel()
@@ -1512,7 +1617,8 @@ class Evaluator:
                 tally.nll[idx.reshape(-1)] = nll.reshape(-1)
 
     def finish(self, tally: Tally) -> dict:
-        """(loss, bpb, ms, nll): the sums over all ranks; every target must have been scored exactly once."""
+        """(loss, bpb, ms, nll, attention): the sums over all ranks (every target must have been scored exactly
+        once), and which attention kernels ran at which shapes."""
         if self.world > 1:
             dist.all_reduce(tally.sums)
             if tally.nll is not None:
@@ -1520,45 +1626,48 @@ class Evaluator:
         nll, n, nbytes = tally.sums.tolist()  # waits for the device
         if int(n) != self.n:
             raise RuntimeError(f"scored {int(n)} targets, expected exactly {self.n}")
+        ran = ", ".join(f"{k} at {b}x{t}" + (" (training)" if g else "") for (b, t, g), k in self.ran.items())
         return dict(loss=nll / n, bpb=nll / (math.log(2) * nbytes), ms=1000 * (time.perf_counter() - tally.t0),
-                    nll=None if tally.nll is None else tally.nll.cpu().numpy())
+                    nll=None if tally.nll is None else tally.nll.cpu().numpy(), attention=ran or "not recorded")
 
     def evaluate(self, nll_fn, stride: int, dump=False) -> dict:
-        """Sliding-window eval (stride = seq_len gives the plain non-overlapping eval): (loss, bpb, ms, nll)."""
-        tally = self.start(dump)
-        self.score(nll_fn, sliding_windows(self.n, self.L, stride), tally)
-        return self.finish(tally)
+        """Sliding-window eval (stride = seq_len gives the plain non-overlapping eval): see finish."""
+        with self.attention():
+            tally = self.start(dump)
+            self.score(nll_fn, sliding_windows(self.n, self.L, stride), tally)
+            return self.finish(tally)
 
 def evaluate_ttt(ev: Evaluator, model, hp: Hyperparameters, dump=False, log=print) -> dict:
     """Legal score-first TTT: chunk c's windows are scored under no_grad with the weights adapted on
     chunks < c only; then a copy of the model trains on chunk c's (already scored) tokens."""
-    tally = ev.start(dump)
-    m = copy.deepcopy(model).requires_grad_(True)
-    for blk in m.blocks[:hp.ttt_freeze_blocks]:
-        blk.requires_grad_(False)
-    params = [p for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-    nll_fn = ev.plain(m)
-    C = hp.ttt_chunk_tokens
-    n_chunks = math.ceil(ev.n / C)
-    by_chunk = [[] for _ in range(n_chunks)]
-    for w in sliding_windows(ev.n, ev.L, hp.eval_stride):
-        by_chunk[(w[0] + w[1]) // C].append(w)  # by the first target it scores
-    for c in range(n_chunks):
-        ev.score(nll_fn, by_chunk[c], tally)
-        if c == n_chunks - 1 or hp.ttt_epochs == 0:
-            continue
-        lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(1, n_chunks - 1)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        lo, hi = c * C, min((c + 1) * C, ev.n)  # targets lo+1..hi, all scored by now
-        seqs = [(s, min(s + ev.L, hi)) for s in range(lo, hi, ev.L)]
-        for _ in range(hp.ttt_epochs):
-            for b0 in range(0, len(seqs), hp.ttt_batch_seqs):
-                ttt_step(ev, m, params, opt, seqs[b0:b0 + hp.ttt_batch_seqs], hp.ttt_grad_clip)
-        if (c + 1) % max(1, n_chunks // 10) == 0:
-            log(f"ttt_chunk [{c + 1}/{n_chunks}] lr: {lr:.6f}")
-    return ev.finish(tally)
+    with ev.attention():
+        tally = ev.start(dump)
+        m = copy.deepcopy(model).requires_grad_(True)
+        for blk in m.blocks[:hp.ttt_freeze_blocks]:
+            blk.requires_grad_(False)
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        nll_fn = ev.plain(m)
+        C = hp.ttt_chunk_tokens
+        n_chunks = math.ceil(ev.n / C)
+        by_chunk = [[] for _ in range(n_chunks)]
+        for w in sliding_windows(ev.n, ev.L, hp.eval_stride):
+            by_chunk[(w[0] + w[1]) // C].append(w)  # by the first target it scores
+        for c in range(n_chunks):
+            ev.score(nll_fn, by_chunk[c], tally)
+            if c == n_chunks - 1 or hp.ttt_epochs == 0:
+                continue
+            lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(1, n_chunks - 1)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            lo, hi = c * C, min((c + 1) * C, ev.n)  # targets lo+1..hi, all scored by now
+            seqs = [(s, min(s + ev.L, hi)) for s in range(lo, hi, ev.L)]
+            for _ in range(hp.ttt_epochs):
+                for b0 in range(0, len(seqs), hp.ttt_batch_seqs):
+                    ttt_step(ev, m, params, opt, seqs[b0:b0 + hp.ttt_batch_seqs], hp.ttt_grad_clip)
+            if (c + 1) % max(1, n_chunks // 10) == 0:
+                log(f"ttt_chunk [{c + 1}/{n_chunks}] lr: {lr:.6f}")
+        return ev.finish(tally)
 
 def ttt_step(ev: Evaluator, m, params, opt, group, grad_clip: float):
     """One SGD step on the (start, end) target ranges of `group`, split over ranks; the loss is the mean over
@@ -1566,6 +1675,7 @@ def ttt_step(ev: Evaluator, m, params, opt, group, grad_clip: float):
     n_tgt, mine = sum(e - s for s, e in group), group[ev.rank::ev.world]
     for length in sorted({e - s for s, e in mine}):
         x, y = ev.windows(torch.tensor([s for s, e in mine if e - s == length], device=ev.device), length)
+        ev.note(x, grad=True)
         with autocast_ctx(ev.device):
             loss = m(x, y) * (len(x) * length / n_tgt)
         loss.backward()
@@ -1637,7 +1747,7 @@ def preflight(hp: Hyperparameters) -> Inputs:
         try:
             artifact = load_artifact(hp.eval_only)
         except Exception as e:
-            raise ConfigError(f"EVAL_ONLY={hp.eval_only}: cannot load artifact ({e})") from None
+            raise ConfigError(f"EVAL_ONLY={hp.eval_only}: cannot load artifact ({error_text(e)})") from None
         if artifact[0].vocab_size != vocab:
             raise ConfigError(f"EVAL_ONLY artifact has vocab {artifact[0].vocab_size}, VOCAB_SIZE={vocab}")
         hp.eval_seq_len = hp.eval_seq_len or artifact[0].max_seq_len  # unless set: the run's sequence length
@@ -1687,6 +1797,11 @@ def make_logger(path, enabled: bool):
             print(msg, file=f, flush=True)
     return log
 
+# Rank 0 alone saves the checkpoint, compresses the artifact (up to ~8 Brotli passes over ~34 MB of codes when the
+# size check and the pruning retry), writes it and reads it back, while the other ranks wait in a collective. One
+# pass on one slow core: ~95 s (0.36 MiB/s measured), so torch's default 10 minutes could run out; 30 do not.
+PG_TIMEOUT = datetime.timedelta(minutes=30)
+
 def init_runtime(hp: Hyperparameters) -> torch.device:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", hp.local_rank) if cuda else torch.device("cpu")
@@ -1696,17 +1811,35 @@ def init_runtime(hp: Hyperparameters) -> torch.device:
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("high")
     if hp.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=PG_TIMEOUT)
         PeerWatchdog.start(dist.distributed_c10d._get_default_store(), hp)
     torch._dynamo.config.cache_size_limit = 32  # eval graphs per model x recurrence x offset; fullgraph: hard limit
     torch._dynamo.config.optimize_ddp = False
     return device
 
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # auto's order
+ATTN_KINDS = ("fa3", *SDPA_BACKENDS)  # cuDNN beat flash on H100 at our shape
+
 def sdpa_backend(kind: str):
-    """Let SDPA use only `kind`'s kernel. Global flags: torch.compile reads them when it traces SDPA."""
+    """Let SDPA use only `kind`'s kernel (training's pin). Global flags: torch.compile reads them when it traces
+    SDPA."""
     flag = {"efficient": "mem_efficient"}.get(kind, kind)
     for name in ("cudnn", "flash", "mem_efficient", "math"):
         getattr(torch.backends.cuda, f"enable_{name}_sdp")(name == flag)
+
+def attention_kernel(cfg: ModelConfig, mode: str, batch: int, length: int, grad: bool, device) -> str:
+    """The kernel causal_attention(mode) runs on (batch, length) inputs under the current SDPA flags: SDPA's own
+    choice, the one torch.compile makes when it traces."""
+    if mode == "fa3":
+        return "fa3"
+    h, hd = cfg.num_heads, cfg.model_dim // cfg.num_heads
+    kv = cfg.num_kv_heads if mode == "sdpa" else h
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k = (torch.empty(batch, length, n, hd, device=device, dtype=dtype, requires_grad=grad).transpose(1, 2)
+            for n in (h, kv))
+    choice = torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=kv != h)
+    return next((kind for kind, b in SDPA_BACKENDS.items() if int(b) == choice), "none")
 
 def attention_vs_math(mode: str, batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, device) -> dict:
     """Relative error of causal_attention(mode), in the stream's dtype, against fp32 math with K/V expanded:
@@ -1721,17 +1854,21 @@ def attention_vs_math(mode: str, batch: int, seq_len: int, heads: int, kv_heads:
             out = causal_attention(*leaves, m)
         out.float().square().sum().backward()
         outs.append([out.float()] + [t.grad.float() for t in leaves])
-    return {name: ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-            for name, a, b in zip(("output", "dq", "dk", "dv"), *outs)}
+    return {name: relative_error(a, b) for name, a, b in zip(("output", "dq", "dk", "dv"), *outs)}
 
-def probe_attention(cfg: ModelConfig, mode: str, batch: int, seq_len: int, device, compile_fn=None):
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+def probe_attention(cfg: ModelConfig, mode: str, batch: int, seq_len: int, device, compile_fn=None) -> tuple:
     """Raise unless attention `mode` runs where training runs it: first against fp32 math at a small shape
     (outputs and gradients, eagerly), then one attention layer (QK-norm, RoPE, GQA, XSA) forward and backward at
-    the training micro-batch shape, in the stream's dtype, through the training's compile and autocast."""
+    the training micro-batch shape, in the stream's dtype, through the training's compile and autocast. Returns
+    that layer's output and input gradient (seeded: every kernel sees the same layer and input), for cross_check."""
     errors = attention_vs_math(mode, 2, 256, cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads, device)
     for name, err in errors.items():
         if not err < 0.05:  # bf16 rounding gives ~0.01; a broken kernel is off by O(1)
             raise RuntimeError(f"{name} differs from the math backend by {err:.3g} (relative)")
+    torch.manual_seed(0)
     layer = Attention(cfg, xsa=True).to(device)
     layer.backend = mode
     fn = compile_fn(layer) if compile_fn else layer
@@ -1742,42 +1879,73 @@ def probe_attention(cfg: ModelConfig, mode: str, batch: int, seq_len: int, devic
     y.float().square().mean().backward()
     if not (torch.isfinite(y).all() and torch.isfinite(x.grad).all()):
         raise RuntimeError(f"non-finite output or gradient at {batch}x{seq_len}")
+    return y.detach(), x.grad
 
-def choose_attention(candidates, probe, agree=lambda ok: ok) -> tuple:
-    """The first (kind, mode) that `probe` runs without raising on every rank (`agree` ANDs a flag over ranks):
-    (mode, label, [why each earlier candidate failed])."""
-    failures = []
-    for kind, mode in candidates:
-        label = kind if mode == "fa3" else f"{kind} ({'native gqa' if mode == 'sdpa' else 'expanded kv'})"
+def attention_label(kind: str, mode: str) -> str:
+    return kind if mode == "fa3" else f"{kind} ({'native gqa' if mode == 'sdpa' else 'expanded kv'})"
+
+def cross_check(kind: str, result: tuple, references, probe) -> str:
+    """At the training shape math is too big to compare with, so a fused kernel's result there is compared with
+    those of the other kinds of kernel in `references` (the first mode of each that runs), in order, until one
+    agrees: two independent kernels that agree are right, and a wrong reference cannot reject a right kernel alone.
+    Raises when every other kind that runs disagrees; returns what it found."""
+    if kind == "math":
+        return ""
+    seen, disagree = {kind}, []
+    for ref_kind, ref_mode in references:
+        if ref_kind in seen:
+            continue
         try:
-            probe(kind, mode)
+            ref = probe(ref_kind, ref_mode)
+        except Exception:  # that kernel does not run here: try the next
+            continue
+        seen.add(ref_kind)
+        out, grad = (relative_error(a, b) for a, b in zip(result, ref))
+        found = f"{attention_label(ref_kind, ref_mode)} at the training shape: output {out:.2g}, input gradient " \
+                f"{grad:.2g} (relative)"
+        if out < 0.05 and grad < 0.05:
+            return f"agrees with {found}"
+        disagree.append(found)
+    if disagree:
+        raise RuntimeError("disagrees with " + "; ".join(disagree))
+    return "no kernel of another kind ran at the training shape to cross-check against"
+
+def choose_attention(candidates, probe, agree=lambda ok: ok, references=(), rejected=()) -> tuple:
+    """The first (kind, mode) that `probe` runs without raising, and that agrees with another kind of kernel at the
+    training shape (cross_check over `references`), on every rank (`agree` ANDs a flag over ranks): (kind, mode,
+    label, [why each candidate before it failed], the cross-check's finding). `rejected` starts that list."""
+    failures = list(rejected)
+    for kind, mode in candidates:
+        label = attention_label(kind, mode)
+        try:
+            checked = cross_check(kind, probe(kind, mode), references, probe)
             ok, why = True, "failed on another rank"
         except Exception as e:  # any failure means: try the next kernel
-            ok, why = False, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            ok, why = False, error_text(e)
         if agree(ok):
-            return mode, label, failures
+            return kind, mode, label, failures, checked
         failures.append(f"{label}: {why}")
     raise ConfigError("no attention kernel ran on this GPU: " + "; ".join(failures))
 
-ATTN_KINDS = ("fa3", "cudnn", "flash", "efficient", "math")  # auto's order: cuDNN beat flash on H100 at our shape
-
 def select_attention(hp: Hyperparameters, device, cfg: ModelConfig, compile_fn=None) -> tuple:
-    """(mode for causal_attention, label for the log, failed candidates with reasons): FA3 when importable, else
-    the first SDPA kernel that runs causal GQA (native, else with K/V expanded), proven by probe_attention at the
-    training shape through the training's compile; all ranks agree on one."""
+    """(kind, mode for causal_attention, label for the log, rejected candidates with reasons, cross-check finding):
+    FA3 when importable, else the first SDPA kernel that runs causal GQA (native, else with K/V expanded), proven by
+    probe_attention at the training shape through the training's compile and cross-checked there against another
+    kind of kernel; all ranks agree on one. SDPA is left pinned to it (sdpa_backend) for training."""
     if device.type != "cuda":
-        return "sdpa", "sdpa (cpu)", []
+        return "sdpa", "sdpa", "sdpa (cpu)", [], ""
     kinds = ATTN_KINDS if hp.attn_backend == "auto" else (hp.attn_backend,)
-    candidates = [(k, m) for k in kinds if k != "fa3" or _flash_attn_func is not None
-                  for m in (("fa3",) if k == "fa3" else ("sdpa", "sdpa-expand"))]
+    pairs = lambda ks: [(k, m) for k in ks for m in (("fa3",) if k == "fa3" else ("sdpa", "sdpa-expand"))]
+    candidates = [(k, m) for k, m in pairs(kinds) if k != "fa3" or _flash_attn_func is not None]
+    rejected = [f"fa3: not importable ({FA3_MISSING})"] if "fa3" in kinds and _flash_attn_func is None else []
     shape = (8, hp.eval_seq_len) if hp.eval_only else (hp.train_seqs // 8, hp.train_seq_len)
 
     def probe(kind, mode):
         if mode != "fa3":
-            sdpa_backend(kind)  # stays set for the model when this candidate wins
+            sdpa_backend(kind)
         torch._dynamo.reset()  # SDPA's kernel is fixed when traced, and the flags are not guarded: trace afresh
         try:
-            probe_attention(cfg, mode, *shape, device, compile_fn)
+            return probe_attention(cfg, mode, *shape, device, compile_fn)
         finally:
             torch.cuda.empty_cache()
 
@@ -1787,7 +1955,11 @@ def select_attention(hp: Hyperparameters, device, cfg: ModelConfig, compile_fn=N
         flag = torch.tensor([int(ok)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
-    return choose_attention(candidates, probe, agree)
+    chosen = choose_attention(candidates, probe, agree, pairs(("cudnn", "flash", "efficient")), rejected)
+    if chosen[1] != "fa3":
+        sdpa_backend(chosen[0])  # the cross-check's probes moved the flags
+    torch._dynamo.reset()
+    return chosen
 
 def git_commit() -> str:
     """The checkout's commit (+'-dirty' with uncommitted changes), or 'unavailable'."""
@@ -1816,6 +1988,7 @@ def environment(hp: Hyperparameters, device, attn_label: str, inputs: Inputs) ->
         "world_size": hp.world_size,
         "grad_accum": hp.grad_accum,
         "attention_backend": attn_label,
+        "peak_bf16_tflops": peak_flops(device) / 1e12 if cuda else None,
         "compile": hp.use_compile,
         "git_commit": git_commit(),
         "tokenizer": inputs.tokenizer,
@@ -1831,6 +2004,10 @@ def environment_lines(env: dict) -> list:
     for k, v in env.items():
         if k == "world_size":
             v = f"{v} grad_accum: {env['grad_accum']}"
+        elif k == "peak_bf16_tflops":
+            if not env["gpu_name"]:
+                continue
+            v = f"{v:g} per GPU, dense (mfu's denominator)" if v else "unknown for this device: mfu n/a"
         elif k == "data_fingerprint":
             v = f"{v} (train_shards: {env['train_shards']} val_shards: {env['val_shards']})"
         elif k in ("gpu_name", "gpu_count", "grad_accum", "train_shards", "val_shards"):
@@ -1878,7 +2055,7 @@ def start_run(hp: Hyperparameters, inputs: Inputs) -> Session:
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, hp.eval_seq_len, 0 if hp.eval_only else
                                                    hp.train_seq_len))
     compile_fn = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if hp.use_compile else None
-    attn_mode, attn_label, attn_rejected = select_attention(hp, device, cfg, compile_fn)
+    attn_kind, attn_mode, attn_label, attn_rejected, attn_checked = select_attention(hp, device, cfg, compile_fn)
     hp.run_id = hp.run_id or str(uuid.uuid4())
     if hp.rank == 0:
         (Path(hp.out_dir) / "logs").mkdir(parents=True, exist_ok=True)
@@ -1888,11 +2065,19 @@ def start_run(hp: Hyperparameters, inputs: Inputs) -> Session:
     code = Path(__file__).read_bytes()  # the file that runs: the wrapper, when wrapped
     code_sha256, env = hashlib.sha256(code).hexdigest(), environment(hp, device, attn_label, inputs)
     log(f"code_sha256: {code_sha256}")
-    for line in environment_lines(env) + [f"attention_probe: rejected {r}" for r in attn_rejected] + hp.lines():
+    for line in environment_lines(env) + [f"attention_probe: rejected {r}" for r in attn_rejected]:
+        log(line)
+    if attn_checked:
+        log(f"attention_probe: {attn_label} {attn_checked}")
+    if hp.world_size > 1:
+        log(f"process_group: {dist.get_backend()} timeout: {PG_TIMEOUT.total_seconds():.0f}s")
+    for line in hp.lines():
         log(line)
     luts = build_byte_luts(inputs.sp, hp.model.vocab_size)
+    fallbacks = [attn_kind, *(k for k in SDPA_BACKENDS if k != attn_kind)] if attn_kind in SDPA_BACKENDS else []
     evaluator = Evaluator(inputs.val_tokens, hp.eval_seq_len, hp.val_batch_tokens, luts, device, hp.rank,
-                          hp.world_size, compile_fn)
+                          hp.world_size, compile_fn, fallbacks,
+                          lambda b, t, grad: attention_kernel(cfg, attn_mode, b, t, grad, device))
     val = torch.from_numpy(inputs.val_tokens.astype(np.int64))
     log(f"train_shards: {len(inputs.train)}")
     log(f"val_tokens: {evaluator.n}")
@@ -1999,9 +2184,10 @@ def write_artifact(s: Session, trained: Trained, q: Quantized) -> int | None:
         dist.broadcast(status, 0)
     return size if status.item() else None
 
-def final_evals(s: Session, cfg: ModelConfig, entries: dict) -> tuple:
+def final_evals(s: Session, cfg: ModelConfig, entries: dict, written: Path | None = None) -> tuple:
     """Dequantize the artifact into a fresh model and run every enabled evaluation strategy: ({name: result},
-    the name of the reported one)."""
+    the name of the reported one). A non-finite score raises Diverged; when a plain evaluation of the artifact
+    this run `written` is non-finite, the artifact is broken and is removed first."""
     hp, ev, log = s.hp, s.evaluator, s.log
     model = build_model(cfg, s.device, s.attn_mode)
     model.load_state_dict({k: v.to(s.device) for k, v in dequantize_entries(entries).items()})
@@ -2024,6 +2210,14 @@ def final_evals(s: Session, cfg: ModelConfig, entries: dict) -> tuple:
         r = fn(bool(dump))
         total_ms += r["ms"]
         log(f"{name} val_loss:{r['loss']:.8f} val_bpb:{r['bpb']:.8f} eval_time:{r['ms']:.0f}ms")
+        log(f"eval_attention: {name} {r['attention']}")
+        if not math.isfinite(r["bpb"]):
+            if suffix or written is None:  # TTT/SLOT diverged, or EVAL_ONLY's own input: the file is not ours to judge
+                raise Diverged(f"{name} is not finite: no result (the artifact is left as it is)")
+            if hp.rank == 0:
+                written.unlink(missing_ok=True)
+            raise Diverged(f"{name} is not finite: the artifact does not evaluate, so {written} was removed "
+                           "(final_model.pt is kept)")
         if dump and hp.rank == 0:
             path = Path(hp.dump_token_nll)
             path = path.with_name(path.stem + suffix + ".npy") if suffix else path
@@ -2084,9 +2278,20 @@ def strict_json(x) -> str:
     return json.dumps(finite_or_null(x), allow_nan=False)
 
 def run(hp: Hyperparameters, inputs: Inputs) -> int:
-    """The pipeline: start, train (or load EXPORT_ONLY's checkpoint), quantize, evaluate the raw weights, write
-    the artifact, evaluate it; EVAL_ONLY only evaluates its artifact. The last line is the summary."""
+    """Start, then the pipeline. A divergence, seen by every rank at the same point, ends it with one `error:` line
+    (stderr and the log) and exit code 1."""
     s = start_run(hp, inputs)
+    try:
+        return pipeline(s)
+    except Diverged as e:
+        if hp.rank == 0:
+            report_failure(hp, f"error: {e}")
+        return 1
+
+def pipeline(s: Session) -> int:
+    """Train (or load EXPORT_ONLY's checkpoint), quantize, evaluate the raw weights, write the artifact, evaluate
+    it; EVAL_ONLY only evaluates its artifact. The last line is the summary."""
+    hp, inputs = s.hp, s.inputs
     if hp.eval_only:
         size = Path(hp.eval_only).stat().st_size
         s.log(f"eval_only: {hp.eval_only} model config from the artifact: {dataclasses.asdict(s.cfg)}")
@@ -2102,10 +2307,12 @@ def run(hp: Hyperparameters, inputs: Inputs) -> int:
         return 1
     pre = s.evaluator.evaluate(trained.score, s.evaluator.L)
     s.log(f"pre-quantization post-ema val_loss:{pre['loss']:.8f} val_bpb:{pre['bpb']:.8f} eval_time:{pre['ms']:.0f}ms")
+    if not math.isfinite(pre["bpb"]):
+        raise Diverged("the pre-quantization score is not finite; nothing written")
     model_bytes = write_artifact(s, trained, q)
     if model_bytes is None:
         return 1
-    evals, reported = final_evals(s, trained.cfg, load_artifact(s.artifact_path)[1])
+    evals, reported = final_evals(s, trained.cfg, load_artifact(s.artifact_path)[1], s.artifact_path)
     s.log(f"artifact: {s.artifact_path.resolve()}")
     s.log(f"log: {s.log_path.resolve()}")
     s.log("summary: " + strict_json(summary(s, model_bytes, evals, reported, trained, q, pre)))

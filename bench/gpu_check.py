@@ -1,29 +1,33 @@
 #!/usr/bin/env python3
-"""One-command shakedown of train_gpt.py on one CUDA GPU: at most ~8 minutes of wall time, compiles included.
+"""One-command shakedown of train_gpt.py on one CUDA GPU, within 8 minutes of wall time whatever the compile
+caches hold: every section runs in its own process and is cut at its own deadline.
 
     python bench/gpu_check.py --data-dir runs/proxy_data          # report in $OUT, else runs/gpu_check
     python bench/gpu_check.py --cpu --data-dir DATA               # the tiny CPU version (the test suite runs it)
 
-Sections, in this order; each is recorded in the report even when it fails (its error and traceback), and the
-report is rewritten after every section, so a run cut short still leaves what it measured:
+Sections, in this order; each is recorded in the report even when it fails (its error and traceback) or is cut at
+its deadline (what it saved so far, and the tail of its output), and the report is rewritten after every section:
   env        Python, torch, CUDA, cuDNN, NCCL, the GPU, and whether FA3, brotli and Triton are importable
-  train      a default-config train_gpt.py run of --train-seconds (150) on the data folder, as a subprocess; its
-             log (README "What the log lines mean") parsed into throughput, MFU, memory, compiles, the recurrence
-             switch, export time and bytes, evaluation times and tokens/s, and estimates for 8 GPUs on FineWeb
   attention  every attention kernel at hand against fp32 math at 2x256 (output and q/k/v gradients), then forward
              and backward at 48x2048 (8 heads, 4 KV heads, dim 64) through torch.compile, timed
   compiled   the probe train_gpt runs to pick its kernel, then compiled against eager loss and gradient norm of
              the default model on one training micro-batch (48x2048, recurrence on)
+  train      a default-config train_gpt.py run on the data folder, as a subprocess, with the time that is left
+             (its training time shortened to fit); its log (README "What the log lines mean") parsed into
+             throughput, MFU, memory, compiles, the recurrence switch, export time and bytes, evaluation times and
+             tokens/s, and estimates for 8 GPUs on FineWeb
 Output folder: gpu_check.json (everything), train.log (train_gpt's log), train_stderr.txt.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,6 +51,7 @@ REFERENCE_1XH100 = {"tok_s": 980_000, "peak_allocated_mib": 26_865, "attention":
 LOG_LINES = {
     "attention_backend": r"^env: attention_backend: (?P<attention_backend>.+)$",
     "attention_rejected": r"^attention_probe: rejected (?P<attention_rejected>.+)$",
+    "attention_cross_check": r"^attention_probe: (?!rejected )(?P<attention_cross_check>.+)$",
     "model_params": r"^model_params:(?P<model_params>\d+)$",
     "val_tokens": r"^val_tokens: (?P<val_tokens>\d+)$",
     "warmup_step": r"^warmup_step: (?P<warmup_step>\d+)/\d+$",
@@ -71,11 +76,13 @@ LOG_LINES = {
     "total_bytes": r"^Total submission size int6\+brotli: (?P<total_bytes>\d+) bytes$",
     "roundtrip": r"^final_int6_roundtrip val_loss:(?P<loss>\S+) val_bpb:(?P<bpb>\S+) eval_time:(?P<ms>\d+)ms$",
     "sliding": r"^final_int6_sliding_window val_loss:(?P<loss>\S+) val_bpb:(?P<bpb>\S+) eval_time:(?P<ms>\d+)ms$",
+    "eval_attention": r"^eval_attention: (?P<eval_attention>.+)$",
     "eval_total": r"^eval_total: (?P<eval_total_ms>\d+)ms$",
     "warning": r"^WARNING: (?P<warning>.+)$",
     "error": r"^error: (?P<error>.+)$",
 }
-MANY = ("attention_rejected", "warmup_step", "train_loss", "quant_verify", "selective_prune", "warning", "error")
+MANY = ("attention_rejected", "warmup_step", "train_loss", "quant_verify", "selective_prune", "eval_attention",
+        "warning", "error")
 
 
 def number(v: str):
@@ -114,6 +121,8 @@ def summarize(p: dict, tokens_per_step: int, world: int = 8) -> dict:
     """The shakedown's numbers from a parsed log; estimates for `world` GPUs on the FineWeb val (linear scaling)."""
     s = {"attention_backend": p.get("attention_backend", {}).get("attention_backend"),
          "attention_rejected": [r["attention_rejected"] for r in p.get("attention_rejected", [])],
+         "attention_cross_check": p.get("attention_cross_check", {}).get("attention_cross_check"),
+         "eval_attention": [r["eval_attention"] for r in p.get("eval_attention", [])],
          "model_params": p.get("model_params", {}).get("model_params"),
          "val_tokens": p.get("val_tokens", {}).get("val_tokens")}
     s |= {k: p["train_summary"][k] for k in ("steps", "train_ms", "tok_s", "mfu", "timed_compiles")} \
@@ -171,7 +180,7 @@ def section_env(ctx) -> dict:
     cuda = ctx["device"].type == "cuda"
     out = {"mode": ctx["device"].type, "python": platform.python_version(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "git_commit": t.git_commit(),
-           "fa3": t._flash_attn_func is not None}
+           "fa3": t._flash_attn_func is not None, "fa3_missing": t.FA3_MISSING}
     for mod in ("brotli", "triton", "sentencepiece"):
         try:
             out[mod] = getattr(__import__(mod), "__version__", "importable")
@@ -246,6 +255,7 @@ def section_attention(ctx) -> dict:
             rec["timed"] = {"mode": mode, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
         if cuda:
             torch.cuda.empty_cache()
+        ctx["save"](out)
     kernels = {k: v for k, v in out.items() if isinstance(v, dict)}
     times = {k: v["timed"]["fwd_bwd_ms"] for k, v in kernels.items() if "fwd_bwd_ms" in v.get("timed", {})}
     out["fastest"] = min(times, key=times.get) if times else None
@@ -261,8 +271,10 @@ def section_compiled(ctx) -> dict:
     cfg = hp.model_config()
     compile_fn = lambda f: torch.compile(f, dynamic=False, fullgraph=True, **ctx["compile_kw"])
     t0 = time.perf_counter()
-    mode, label, rejected = t.select_attention(hp, dev, cfg, compile_fn)
-    out = {"probe": {"attention_backend": label, "rejected": rejected, "seconds": round(time.perf_counter() - t0, 1)}}
+    _, mode, label, rejected, checked = t.select_attention(hp, dev, cfg, compile_fn)
+    out = {"probe": {"attention_backend": label, "rejected": rejected, "cross_check": checked,
+                     "seconds": round(time.perf_counter() - t0, 1)}}
+    ctx["save"](out)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = t.build_model(cfg, dev, mode)
@@ -293,6 +305,7 @@ def section_compiled(ctx) -> dict:
         loss_eager += loss.item()
     t.sync(dev)
     out["eager"] = {"loss": loss_eager, "grad_norm": grad_norm(), "seconds": round(time.perf_counter() - t0, 2)}
+    ctx["save"](out)
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     compiled = compile_fn(model)
@@ -323,15 +336,18 @@ def section_train(ctx) -> dict:
     if data_dir is None:
         raise RuntimeError("no --data-dir given: build one (README: the GPU shakedown) and pass it")
     work = Path(tempfile.mkdtemp(prefix="gpu_check_train_"))
+    timeout = ctx["seconds"]
+    # the timed training gets what is left after train_gpt's untimed work (start-up, probe, compiles, GPTQ, export,
+    # evaluations: TRAIN_OVERHEAD_S, a cold-cache estimate), at most --train-seconds and at least 30 s
+    train_s = min(ctx["train_seconds"], max(30.0, timeout - TRAIN_OVERHEAD_S[ctx["device"].type]))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env |= ctx["train_env"] | {"DATA_DIR": str(data_dir), "OUT_DIR": str(work), "RUN_ID": "gpu_check",
-                               "PYTHONUNBUFFERED": "1"}
+    env |= ctx["train_env"] | {"MAX_WALLCLOCK_SECONDS": f"{train_s:g}", "DATA_DIR": str(data_dir),
+                               "OUT_DIR": str(work), "RUN_ID": "gpu_check", "PYTHONUNBUFFERED": "1"}
     env |= ctx["user_env"]
-    timeout = max(30.0, ctx["deadline"] - time.monotonic() - ctx["reserve_after_train"])
     lines, t0 = [], time.monotonic()
     with open(out_dir / "train_stderr.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=str(ROOT), text=True,
-                                stdout=subprocess.PIPE, stderr=err)
+                                stdout=subprocess.PIPE, stderr=err, start_new_session=True)
 
         def read():
             for line in proc.stdout:
@@ -342,10 +358,8 @@ def section_train(ctx) -> dict:
             rc, timed_out = proc.wait(timeout=timeout), False
         except subprocess.TimeoutExpired:
             rc, timed_out = None, True
-        finally:  # never leave it running on the GPU (its compile workers end with it)
-            if proc.poll() is None:
-                proc.kill()
-            rc = proc.wait() if rc is None else rc
+        finally:  # never leave it running on the GPU, nor its compile workers
+            rc = end_group(proc) if rc is None else rc
         reader.join(timeout=10)
     log = work / "logs" / "gpu_check.txt"
     if log.is_file():
@@ -355,32 +369,85 @@ def section_train(ctx) -> dict:
     hp = t.Hyperparameters.from_env(env)
     res = {"ok": rc == 0 and not timed_out, "returncode": rc, "timed_out": timed_out, "timeout_s": round(timeout),
            "wall_s": round(time.monotonic() - t0, 1),
-           "env": {k: env[k] for k in sorted(ctx["train_env"].keys() | ctx["user_env"].keys())},
+           "env": {k: env[k] for k in sorted({*ctx["train_env"], *ctx["user_env"], "MAX_WALLCLOCK_SECONDS"})},
            "summary": summarize(parsed, hp.train_batch_tokens)}
     if rc != 0:
         res["stderr_tail"] = (out_dir / "train_stderr.txt").read_text(errors="replace")[-3000:]
     return res
 
 
-SECTIONS = {"env": section_env, "train": section_train, "attention": section_attention, "compiled": section_compiled}
+SECTIONS = {"env": section_env, "attention": section_attention, "compiled": section_compiled, "train": section_train}
+BUDGET_S = 480  # the whole command: the device machine allows 10 minutes per command
+SECTION_S = {"env": 30, "attention": 75, "compiled": 105}  # each section's deadline; train gets what is left
+TRAIN_OVERHEAD_S = {"cuda": 180, "cpu": 60}  # train_gpt's untimed work with cold caches (a guess: see train's report)
+
+
+def end_group(proc) -> int:
+    """Kill a process started with start_new_session and everything it started (compile workers included)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return proc.wait()
+
+
+def run_section(name: str, argv: list, seconds: float) -> dict:
+    """Section `name` in its own process (this script with --child), ended at `seconds`. A section that overruns is
+    cut (its process group killed) and reported with what it saved so far and the tail of its output."""
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        result, output = Path(tmp) / "result.json", Path(tmp) / "output.txt"
+        with open(output, "w") as out:
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--child", name,
+                                     "--child-result", str(result)], stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=str(ROOT), start_new_session=True)
+            try:
+                rc, cut = proc.wait(timeout=max(seconds, 0.0)), False
+            except subprocess.TimeoutExpired:
+                rc, cut = end_group(proc), True
+        res = json.loads(result.read_text()) if result.is_file() else {}
+        tail = output.read_text(errors="replace")[-3000:]
+    if cut:
+        return res | {"ok": False, "timed_out": True, "error": f"cut at its deadline ({round(seconds, 1):g}s)",
+                      "output_tail": tail}
+    if not res.pop("done", False):
+        return res | {"ok": False, "error": f"its process ended with code {rc} before its result", "output_tail": tail}
+    return res
+
+
+def child(name: str, ctx: dict, path: Path) -> int:
+    """The --child side of run_section: run one section, saving what it has so far (ctx["save"]) and its result."""
+    save = lambda res: path.write_text(json.dumps(res, default=str))
+    ctx["save"] = lambda partial: save({"ok": False, "partial": True} | partial)
+    if ctx["device"].type == "cuda":
+        torch.cuda.set_device(ctx["device"])
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    try:
+        res = {"ok": True} | SECTIONS[name](ctx)
+    except Exception as e:
+        res = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    save(res | {"done": True})
+    return 0
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", type=Path, help="DATA_DIR for the training run (shards + tokenizer)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "runs" / "gpu_check"))
-    ap.add_argument("--train-seconds", type=float, default=None, help="MAX_WALLCLOCK_SECONDS (150; CPU: 10)")
-    ap.add_argument("--budget-seconds", type=float, default=480, help="wall time the training run must leave")
+    ap.add_argument("--train-seconds", type=float, default=None,
+                    help="MAX_WALLCLOCK_SECONDS at most (150; CPU: 10), shortened to fit the time left")
+    ap.add_argument("--budget-seconds", type=float, default=BUDGET_S, help="the whole command's wall time")
+    ap.add_argument("--section-seconds", action="append", default=[], metavar="NAME=S",
+                    help=f"a section's deadline (defaults: {SECTION_S}; train: what is left)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env for the training run")
     ap.add_argument("--cpu", action="store_true", help="tiny CPU version (also the fallback without CUDA)")
+    ap.add_argument("--child", choices=list(SECTIONS), help=argparse.SUPPRESS)
+    ap.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.cpu
+    cuda = torch.cuda.is_available() and not args.cpu  # no CUDA context here: only the sections' processes make one
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 32
     args.out.mkdir(parents=True, exist_ok=True)
     vocab = 4096
@@ -394,32 +461,39 @@ def main(argv=None) -> int:
     # CPU: the smoke config (4 layers x 64, sequence 128) for the model and the run; dynamo traces, no codegen
     tiny = {} if cuda else {k: v for k, v in t.smoke_env().items() if k not in ("DATA_DIR", "OUT_DIR")}
     model_env = tiny | {"VOCAB_SIZE": str(vocab)}
-    train_seconds = args.train_seconds or (150 if cuda else 10)
-    train_env = {"VOCAB_SIZE": str(vocab), "MAX_WALLCLOCK_SECONDS": f"{train_seconds:g}", "TRAIN_LOG_EVERY": "10"}
+    train_env = {"VOCAB_SIZE": str(vocab), "TRAIN_LOG_EVERY": "10"}
     # CPU: recurrence at a fixed step and every step logged, so both throughputs exist on a slow machine too
     train_env |= {} if cuda else {"SMOKE": "1", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "1", "RECUR_START_STEP": "6"}
     ctx = dict(device=device, out=args.out, data_dir=args.data_dir, val_tokens=val_tokens, model_env=model_env,
                train_env=train_env, user_env=dict(kv.split("=", 1) for kv in args.env),
-               compile_kw={} if cuda else {"backend": "eager"}, deadline=time.monotonic() + args.budget_seconds,
-               reserve_after_train=60 if cuda else 0)
-    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reference_1xh100": REFERENCE_1XH100, "sections": {}}
+               train_seconds=args.train_seconds or (150 if cuda else 10),
+               compile_kw={} if cuda else {"backend": "eager"}, save=lambda partial: None)
+    if args.child:
+        return child(args.child, ctx, args.child_result)
+    budgets = SECTION_S | {k: float(v) for k, v in (kv.split("=", 1) for kv in args.section_seconds)}
+    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reference_1xh100": REFERENCE_1XH100,
+              "budget_s": args.budget_seconds, "sections": {}}
     path = args.out / "gpu_check.json"
     t_start = time.monotonic()
+    deadline = t_start + args.budget_seconds
     for name in [s for s in SECTIONS if s in args.sections.split(",")]:
         t0 = time.monotonic()
-        print(f"gpu_check: {name} ...", flush=True)
-        try:
-            res = {"ok": True} | SECTIONS[name](ctx)
-        except Exception as e:
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        seconds = min(budgets.get(name, math.inf), deadline - t0)
+        print(f"gpu_check: {name} (deadline {seconds:.0f}s) ...", flush=True)
+        if name == "train":  # train_gpt runs as its own process group already
+            try:
+                res = {"ok": True} | section_train(ctx | {"seconds": seconds})
+            except Exception as e:
+                res = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        else:
+            res = run_section(name, argv, seconds)
         res["seconds"] = round(time.monotonic() - t0, 1)
+        res["deadline_s"] = round(seconds, 1)
         report["sections"][name] = res
         report["wall_s"] = round(time.monotonic() - t_start, 1)
         path.write_text(json.dumps(report, indent=1, default=str))
         why = res.get("error") or "see the report"
         print(f"gpu_check: {name} {'ok' if res['ok'] else 'FAILED: ' + why} ({res['seconds']}s)", flush=True)
-        if cuda:
-            torch.cuda.empty_cache()
     print(f"gpu_check: report {path}", flush=True)
     return 0 if all(s["ok"] for s in report["sections"].values()) else 1
 

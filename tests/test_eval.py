@@ -12,6 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import train_gpt as t
 from conftest import random_gpt
@@ -289,3 +291,56 @@ def test_slot_nll_batch_equals_each_window_alone():
     moved = t.slot_nll(model, x, y2, s0, 5, 0.1, CPU)
     keep = [j for j in range(SEQ - s0) if j != 3]
     torch.testing.assert_close(moved[:, keep], batched[:, keep], atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- attention kernels in evaluations
+
+
+def test_evaluations_fall_back_to_other_sdpa_kernels_and_record_which_ran(monkeypatch):
+    """Training pins SDPA to the kernel the probe chose. A shape that kernel refuses must not fail an evaluation:
+    cuDNN refuses sequence length 1, which TTT trains on when TTT_CHUNK_TOKENS mod EVAL_SEQ_LEN = 1. On CPU a
+    stand-in plays the pinned kernel: while SDPA may use only it, length 1 raises "No available kernel" (SDPA's own
+    words). The Evaluator lets every kernel in, the pinned one first, and records which one SDPA picks per shape."""
+    real = F.scaled_dot_product_attention
+
+    def pinned_refuses_length_1(q, k, v, **kw):
+        if q.size(2) == 1 and not torch.backends.cuda.math_sdp_enabled():
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", pinned_refuses_length_1)
+    model, hp = make_model(), ttt_hp(TTT_CHUNK_TOKENS=str(2 * SEQ + 1))  # chunk pieces of SEQ, SEQ and 1 tokens
+    tokens = make_tokens(3 * SEQ + 4)  # two chunks
+    kernel_of = lambda b, n, grad: t.attention_kernel(model.cfg, "sdpa", b, n, grad, CPU)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # the pin, as training runs under it
+        with pytest.raises(RuntimeError, match="No available kernel"):
+            t.evaluate_ttt(evaluator(tokens), model, hp, log=lambda *_: None)
+        ev = t.Evaluator(tokens, SEQ, SEQ * 4, make_luts(), CPU, kernels=["flash", "cudnn", "efficient", "math"],
+                         kernel_of=kernel_of)
+        ttt = t.evaluate_ttt(ev, model, hp, log=lambda *_: None)
+        assert math.isfinite(ttt["bpb"]) and "flash at 1x1 (training)" in ttt["attention"], ttt["attention"]
+        assert "flash at 2x32 (training)" in ttt["attention"]  # and the full-length pieces
+        assert torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.math_sdp_enabled()  # pin back
+        ev.kernels = ["math"]  # what is recorded is SDPA's choice under the evaluation's kernels
+        assert score(ev, model, SEQ)["attention"] == "math at 3x32, math at 1x32"
+
+
+def test_a_non_finite_score_of_the_written_artifact_removes_it(tmp_path):
+    """An artifact whose own evaluation is not finite must not look like a result: the run's artifact is removed
+    (the error names it); under EVAL_ONLY (no `written`), the file given is left alone. Either way: Diverged."""
+    from types import SimpleNamespace
+    model = make_model()
+    entries = {n: dict(kind="fp16", data=p.detach().half()) for n, p in model.named_parameters()}
+    entries["skip_weights"]["data"][0, 0] = float("inf")  # e.g. a weight over fp16's range
+    logs = []
+    s = SimpleNamespace(hp=ttt_hp(), evaluator=evaluator(make_tokens(3 * SEQ)), log=logs.append, device=CPU,
+                        attn_mode="sdpa")
+    art = tmp_path / "final_model.int6.ptz"
+    art.write_bytes(b"artifact")
+    with pytest.raises(t.Diverged, match=f"^final_int6_roundtrip is not finite: the artifact does not evaluate, so "
+                                         f"{art} was removed"):
+        t.final_evals(s, model.cfg, entries, art)
+    assert not art.exists() and logs[0].startswith("final_int6_roundtrip val_loss:nan")
+    art.write_bytes(b"artifact")
+    with pytest.raises(t.Diverged, match=r"no result \(the artifact is left as it is\)"):
+        t.final_evals(s, model.cfg, entries)
+    assert art.exists() and not any("final_int6_ttt" in l for l in logs)  # nothing after the first bad score

@@ -1,6 +1,9 @@
 """Failures end cleanly: an exception on any rank ends every rank within seconds, with no launcher to kill the others
 (two plain processes here, rank 0 hosting the store, as under a launcher other than torchrun); the error and its
-traceback reach stderr and the log file, the exit code is non-zero, and no temporary file is left behind."""
+traceback reach stderr and the log file, the exit code is non-zero, and no temporary file is left behind. A divergence
+(a non-finite training loss on any rank) stops every rank at the same step with one error line and nothing written."""
+import math
+import re
 import socket
 import subprocess
 import sys
@@ -123,3 +126,75 @@ def test_write_atomic_removes_its_temp_file_on_failure(tmp_path, monkeypatch):
     t.write_atomic(target, b"abc")
     assert target.read_bytes() == b"abc" and [p.name for p in tmp_path.iterdir()] == ["artifact.bin"]
 
+
+
+# ---------------------------------------------------------------------------- divergence
+
+DIVERGE_WORKER = """
+import math, os, sys
+sys.path.insert(0, {root!r})
+import train_gpt as t
+if os.environ["RANK"] == os.environ["BAD_RANK"] and os.environ["CASE"] == "nan_lr":
+    t.lr_multiplier = lambda *a: math.nan  # a NaN learning rate (validation refuses one from the env)
+if os.environ["RANK"] == os.environ["BAD_RANK"] and os.environ["CASE"] == "huge_lr":
+    os.environ["MATRIX_LR"] = "1e30"
+sys.exit(t.main())
+"""
+
+
+def run_ranks(tmp_path, env, world: int) -> list:
+    """`world` plain processes of DIVERGE_WORKER; [(returncode, stdout, stderr)]."""
+    worker = tmp_path / "diverge.py"
+    worker.write_text(DIVERGE_WORKER.format(root=str(ROOT)))
+    env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
+    procs = [subprocess.Popen([sys.executable, str(worker)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+             for r in range(world)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    return [(p.returncode, *o) for p, o in zip(procs, outs)]
+
+
+def assert_diverged(out_dir, rc, err, step, lrs, rank="", last=None):
+    """One `error:` line (stderr, and the log's last line) naming the step (and the rank), the last finite loss
+    (by default the step before's) and the learning rates; exit code 1; nothing written but the log."""
+    lines = [l for l in err.splitlines() if l.startswith("error")]
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err, (rc, err[-3000:])
+    mine = " \\(rank 0's\\)" if rank else ""
+    m = re.fullmatch(rf"error: training diverged: train_loss is not finite at step {step}/6{rank} \(last finite "
+                     rf"train_loss{mine}: (\d+\.\d+)\); learning rates at that step{mine}: {lrs}; nothing written",
+                     lines[0])
+    assert m, lines[0]
+    log = (out_dir / "logs" / "div.txt").read_text().splitlines()
+    assert log[-1] == lines[0]
+    loss = lambda s: float(next(l for l in log if l.startswith(f"{s}/6 train_loss")).split()[2])
+    assert float(m[1]) == loss(last or step - 1)
+    assert sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*")) == ["logs", "logs/div.txt"]
+
+
+@pytest.mark.parametrize("case", ["nan_lr", "huge_lr"])
+def test_divergence_stops_one_process_at_once(tmp_path, tiny_data_dir, monkeypatch, capsys, case):
+    """Before: MATRIX_LR=nan (or 1e30) trained on with `train_loss: nan`, wrote a NaN artifact, evaluated it three
+    times and exited 0. Now the step after the LR goes wrong ends the run. In-process (cheap): main() as the CLI."""
+    out = tmp_path / "out"
+    env = tiny_env(tiny_data_dir, out, RUN_ID="div", ITERATIONS=6)
+    if case == "nan_lr":
+        monkeypatch.setattr(t, "lr_multiplier", lambda *a: math.nan)
+        lrs = "matrix nan tied_embed nan scalar nan"
+    else:
+        env["MATRIX_LR"] = "1e30"  # finite: the weights overflow at the first update, the loss after it
+        lrs = "matrix 1e\\+30 tied_embed 0.03 scalar 0.02"
+    capsys.readouterr()
+    rc = t.main(env)
+    assert_diverged(out, rc, capsys.readouterr().err, 2, lrs)
+
+
+@pytest.mark.parametrize("case", ["nan_lr", "huge_lr"])
+def test_divergence_stops_every_rank_at_the_same_step(tmp_path, tiny_data_dir, case):
+    """2 gloo processes, the learning rate wrong on rank 1 alone (each rank applies its own LR to its copy of the
+    weights): only rank 1's loss is non-finite at step 2, rank 0's is still finite, and the flag, MAX-reduced with
+    the step time, stops both ranks there; rank 0 reports."""
+    out = tmp_path / "out"
+    env = tiny_env(tiny_data_dir, out, RUN_ID="div", ITERATIONS=6, BAD_RANK=1, CASE=case)
+    (rc0, out0, err0), (rc1, out1, err1) = run_ranks(tmp_path, env, 2)
+    assert_diverged(out, rc0, err0, 2, "matrix 0.02 tied_embed 0.03 scalar 0.02", " on rank 1", last=2)
+    assert rc1 == 1 and out1 == "" and "error" not in err1, err1[-2000:]

@@ -86,6 +86,28 @@ def test_smoke_overrides_are_declared_settings_of_their_type():
     assert hp.model.num_layers == 4 and hp.model.model_dim == 96 and hp.train_seq_len == 128  # env still wins
 
 
+def test_every_number_is_finite_and_in_the_range_its_declaration_states():
+    """Generic, so settings added later are covered: every float refuses NaN and infinities, every number refuses
+    -1 unless it is SIGNED, and the ranges the declaration comments state (the README table's) are enforced, each
+    refusal naming its setting first."""
+    defaults = {f.name: f.default for _, f in t.Hyperparameters.declared()}
+    checked = 0
+    for _, name, comment in declared_comments():
+        kind = type(defaults[name])
+        if kind not in (int, float):
+            continue
+        bad = ["nan", "inf", "-inf"] if kind is float else []
+        bad += [] if name in t.SIGNED else ["-1"]
+        bad += ["0"] if re.search(r">= 1\b|> 0\b|positive|\b1\.\.", comment) else []
+        bad += ["1.5"] if "in [0, 1]" in comment else ["1"] if "in [0, 1)" in comment else []
+        bad += [str(int(m[1]) + 1) for m in [re.search(r"\b1\.\.(\d+)", comment)] if m]
+        for raw in bad:
+            with pytest.raises(t.ConfigError, match=f"^{name.upper()}="):
+                t.Hyperparameters.from_env({name.upper(): raw})
+            checked += 1
+    assert checked > 100
+
+
 @pytest.mark.parametrize("env,needle", [
     ({"RECUR_LAYERS": "4,x"}, "RECUR_LAYERS='4,x' is not a comma-separated list of layer indices"),
     ({"TTT_ENABLED": "yes"}, "TTT_ENABLED='yes' is not a valid bool"),

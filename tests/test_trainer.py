@@ -57,11 +57,95 @@ def test_env_overrides_and_types():
     ({"TRAIN_BATCH_TOKENS": "8192", "TRAIN_SEQ_LEN": "2048"}, "8 equal micro-batches"),
     ({"SEED": "x"}, "SEED='x' is not a valid int"),
     ({"ATTN_BACKEND": "xformers"}, "ATTN_BACKEND"),
-    ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096 > EVAL_SEQ_LEN"),
+    ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096 must be at most EVAL_SEQ_LEN=2048"),
+    # accepted before issue 18 (the first three are its cases; the rest failed mid-run or ran with nonsense)
+    ({"EVAL_STRIDE": "0"}, "EVAL_STRIDE=0 must be at least 1"),
+    ({"MATRIX_LR": "nan"}, "MATRIX_LR=nan must be a finite number"),
+    ({"MAX_WALLCLOCK_SECONDS": "-5"}, "MAX_WALLCLOCK_SECONDS=-5.0 must be >= 0"),
+    ({"TIED_EMBED_LR": "inf"}, "TIED_EMBED_LR=inf must be a finite number"),
+    ({"QK_GAIN_INIT": "-inf"}, "QK_GAIN_INIT=-inf must be a finite number"),
+    ({"SCALAR_LR": "-0.02"}, "SCALAR_LR=-0.02 must be >= 0"),
+    ({"TRAIN_SEQ_LEN": "0"}, "TRAIN_SEQ_LEN=0 must be at least 1"),  # was a ZeroDivisionError
+    ({"TRAIN_BATCH_TOKENS": "-16384"}, "TRAIN_BATCH_TOKENS=-16384 must be at least 1"),
+    ({"TRAIN_BATCH_TOKENS": "0"}, "TRAIN_BATCH_TOKENS=0 must be at least 1"),
+    ({"MODEL_DIM": "-512"}, "MODEL_DIM=-512 must be at least 1"),
+    ({"NUM_KV_HEADS": "0"}, "NUM_KV_HEADS=0 must be at least 1"),
+    ({"MLP_MULT": "0.001"}, "MLP_MULT=0.001 gives no MLP unit"),
+    ({"BETA1": "1"}, r"BETA1=1.0 must be in \[0, 1\)"),  # torch's AdamW refused it after the GPU work began
+    ({"EMA_DECAY": "-0.5"}, r"EMA_DECAY=-0.5 must be in \[0, 1\)"),
+    ({"MIN_LR": "2"}, r"MIN_LR=2.0 must be in \[0, 1\]"),
+    ({"ADAM_EPS": "0"}, "ADAM_EPS=0.0 must be > 0"),
+    ({"LOGIT_SOFTCAP": "0"}, "LOGIT_SOFTCAP=0.0 must be > 0"),
+    ({"ROPE_BASE": "-10000"}, "ROPE_BASE=-10000.0 must be > 0"),
+    ({"TIED_EMBED_INIT_STD": "-0.1"}, "TIED_EMBED_INIT_STD=-0.1 must be >= 0"),
+    ({"GPTQ_RESERVE_SECONDS": "-10"}, "GPTQ_RESERVE_SECONDS=-10.0 must be >= 0"),  # lengthened the training
+    ({"WARMUP_STEPS": "-1"}, "WARMUP_STEPS=-1 must be >= 0"),
+    ({"VAL_LOSS_EVERY": "-1"}, "VAL_LOSS_EVERY=-1 must be >= 0"),
+    ({"VAL_BATCH_TOKENS": "0"}, "VAL_BATCH_TOKENS=0 must be at least 1"),
+    ({"EVAL_SEQ_LEN": "-2048"}, "EVAL_SEQ_LEN=-2048 must be >= 0"),
+    ({"ARTIFACT_BYTES_LIMIT": "-1"}, "ARTIFACT_BYTES_LIMIT=-1 must be at least 1"),
+    ({"RECUR_START_STEP": "-2"}, "RECUR_START_STEP=-2 must be >= 0, or -1"),
+    ({"SEED": "-1"}, "SEED=-1 must be >= 0"),
+    ({"SEED": str(2**32)}, "SEED=4294967296 must be below 2"),  # the data order would repeat SEED=0's
+    ({"TTT_MOMENTUM": "1"}, r"TTT_MOMENTUM=1.0 must be in \[0, 1\)"),
+    ({"RUN_ID": "runs/a"}, "RUN_ID='runs/a' must be a file name"),
 ])
 def test_impossible_values_raise_one_clear_error(env, needle):
     with pytest.raises(t.ConfigError, match=needle):
         t.Hyperparameters.from_env(env)
+
+
+def test_fa3_absent_or_broken_is_caught_and_named(monkeypatch):
+    """A flash-attn build that raises anything while importing (not just ImportError) leaves FA3 out, with the
+    reason kept for the log; ATTN_BACKEND=fa3 then says why it cannot run. The module is imported afresh under
+    another name, with a stand-in for the broken package."""
+    import importlib.util
+    import types
+
+    class Broken(types.ModuleType):
+        def __getattr__(self, name):
+            raise RuntimeError("undefined symbol: _ZN3c1017RegisterOperatorsD1Ev")
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", Broken("flash_attn_interface"))
+    spec = importlib.util.spec_from_file_location("train_gpt_broken_fa3", ROOT / "train_gpt.py")
+    fresh = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, fresh)  # dataclasses look their module up there
+    spec.loader.exec_module(fresh)
+    assert fresh._flash_attn_func is None and fresh.FA3_MISSING.startswith("RuntimeError: undefined symbol")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(fresh.ConfigError, match=r"ATTN_BACKEND=fa3 but FlashAttention-3 is not importable "
+                                                r"\(RuntimeError: undefined symbol"):
+        fresh.Hyperparameters.from_env({"ATTN_BACKEND": "fa3"})
+    assert fresh.Hyperparameters.from_env({"ATTN_BACKEND": "cudnn"}).attn_backend == "cudnn"
+
+
+def test_not_a_checkpoint_or_artifact_says_so(tmp_path, tiny_data_dir, capsys):
+    """EXPORT_ONLY / EVAL_ONLY on a file of another kind: one line that says what it is not (before: "cannot load
+    checkpoint (Weights only load failed. ... Re-running torch.load with weights_only set to False will likely
+    succeed ...)" over several lines, "cannot load artifact (unpack requires a buffer of 80962080 bytes)")."""
+    cfg = small_cfg()
+    shard = next((tiny_data_dir / "datasets" / f"fineweb10B_sp{TINY_VOCAB}").glob("fineweb_val_*.bin"))
+    torch.save([1, 2], tmp_path / "list.pt")
+    sd = t.GPT(cfg).state_dict()
+    sd["blocks.0.attn.c_q.weight"][0, 0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pt")
+    cases = [(shard, "is not a checkpoint (the final_model.pt a training run writes): it is not a torch.save file"),
+             (tmp_path / "list.pt", "is not a checkpoint (the final_model.pt a training run writes): it holds no "
+                                    "state dict"),
+             (tmp_path / "nan.pt", "holds non-finite weights (blocks.0.attn.c_q.weight): the run that wrote it "
+                                   "diverged"),
+             (tmp_path / "missing.pt", "no such file")]
+    for path, needle in cases:
+        with pytest.raises(t.ConfigError, match=re.escape(needle)):
+            t.load_checkpoint(path, cfg)
+    env = tiny_env(tiny_data_dir, tmp_path / "out", EXPORT_ONLY=shard)
+    capsys.readouterr()
+    assert t.main(env) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: EXPORT_ONLY={shard} {cases[0][1]}\n"
+    env = tiny_env(tiny_data_dir, tmp_path / "out", EVAL_ONLY=tmp_path / "nan.pt")
+    with pytest.raises(t.ConfigError, match="not a compressed artifact of train_gpt.py"):
+        t.preflight(t.Hyperparameters.from_env(env))
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- data
@@ -249,6 +333,27 @@ def test_recurrence_changes_virtual_layers_and_output():
     assert t.flops_per_token(m, True, 16) > t.flops_per_token(m, False, 16)
 
 
+def test_flops_per_token_matches_flop_counter_at_the_default_shapes():
+    """MFU's numerator against torch's FlopCounterMode over one forward and backward of the default 11x512 model at
+    sequence length 2048, recurrence off and on (on the meta device: shapes only, no compute). There SDPA takes its
+    math path, so the counter sees dense matmuls (aten.mm, counted as they are) and attention's QK^T and AV as bmm
+    over the full T x T (backward twice the forward, no recompute): our convention counts the causal half of the
+    latter (README: MFU). Within 1%."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = t.GPT(t.Hyperparameters.from_env({}).model_config())
+        x = torch.randint(0, 4096, (1, 2048))
+    for recur in (False, True):
+        model.recur_active = recur
+        with FlopCounterMode(display=False) as counter:
+            model(x, x).backward()
+        counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+        assert set(counts) == {"aten.mm", "aten.bmm"}, counts  # nothing else is counted, nothing is missed
+        expected = counts["aten.mm"] + counts["aten.bmm"] / 2
+        assert t.flops_per_token(model, recur, 2048) * 2048 == pytest.approx(expected, rel=0.01), recur
+        model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("recur", [False, True])
 def test_every_parameter_gets_gradient(recur):
     """The reference's skip rows 3-4 got no gradient (blended into x after the lane fork); here every
@@ -393,9 +498,11 @@ def test_every_accepted_layer_list_combination_runs(n):
 
 def test_attention_probe_rejects_wrong_or_uncompilable_kernels_and_falls_back(monkeypatch):
     """probe_attention runs a kernel against fp32 math (outputs and gradients) and then an attention layer forward and
-    backward through fullgraph compile (dynamo here; inductor on GPU). Two stand-ins for FA3: one that ignores the
-    causal mask (wrong numbers), one that is right but breaks the graph (untraceable). choose_attention falls back to
-    the next candidate and returns why each one before it failed; ranks that disagree count as a failure."""
+    backward through fullgraph compile (dynamo here; inductor on GPU). Stand-ins for FA3: one that ignores the causal
+    mask (wrong numbers), one that is right but breaks the graph (untraceable), and one that is right at the small
+    shape checked against math but wrong at the training shape, which only the cross-check against another kind of
+    kernel there catches. choose_attention falls back to the next candidate and returns why each one before it
+    failed; ranks that disagree count as a failure."""
     cfg = t.ModelConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, max_seq_len=64,
                         rope_dims=4)
     cpu = torch.device("cpu")
@@ -405,33 +512,48 @@ def test_attention_probe_rejects_wrong_or_uncompilable_kernels_and_falls_back(mo
         rep = q.size(2) // k.size(2)
         return [x.transpose(1, 2) for x in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2))]
 
+    def right(q, k, v, causal):
+        return F.scaled_dot_product_attention(*expand(q, k, v), is_causal=causal).transpose(1, 2)
+
     def no_mask(q, k, v, causal):
         return F.scaled_dot_product_attention(*expand(q, k, v)).transpose(1, 2)
 
     def untraceable(q, k, v, causal):
         torch._dynamo.graph_break()
-        return F.scaled_dot_product_attention(*expand(q, k, v), is_causal=causal).transpose(1, 2)
+        return right(q, k, v, causal)
 
-    fakes = {"wrong": no_mask, "untraceable": untraceable}
+    def wrong_when_long(q, k, v, causal):  # right at the 2x256 check, wrong at the 2x64 "training shape"
+        return (right if q.size(1) == 256 else no_mask)(q, k, v, causal)
 
-    def probe(kind, mode):
+    fakes = {"wrong": no_mask, "untraceable": untraceable, "wrong_at_training_shape": wrong_when_long, "right": right}
+
+    def probe(kind, mode, compile_fn=compile_fn):
         monkeypatch.setattr(t, "_flash_attn_func", fakes.get(kind))
-        t.probe_attention(cfg, mode, 2, 64, cpu, compile_fn)
+        return t.probe_attention(cfg, mode, 2, 64, cpu, compile_fn)
+    eager = lambda kind, mode: probe(kind, mode, None)  # cheaper, where compiling proves nothing
 
-    candidates = [("wrong", "fa3"), ("untraceable", "fa3"), ("math", "sdpa")]
-    mode, label, rejected = t.choose_attention(candidates, probe)
-    assert (mode, label) == ("sdpa", "math (native gqa)")
-    assert len(rejected) == 2
+    refs = [("wrong_at_training_shape", "fa3"), ("sdpa", "sdpa")]  # the stand-in's own kind is skipped
+    candidates = [("wrong", "fa3"), ("untraceable", "fa3"), ("wrong_at_training_shape", "fa3"), ("right", "fa3")]
+    kind, mode, label, rejected, checked = t.choose_attention(candidates, probe, references=refs)
+    assert (kind, mode, label) == ("right", "fa3", "right") and len(rejected) == 3
     assert rejected[0].startswith("wrong: RuntimeError: output differs from the math backend")
     assert rejected[1].startswith("untraceable: ") and "graph_break" in rejected[1].replace(" ", "_").lower()
+    assert rejected[2].startswith("wrong_at_training_shape: RuntimeError: disagrees with sdpa (native gqa) at the "
+                                  "training shape: output ")
+    assert checked.startswith("agrees with sdpa (native gqa) at the training shape: output ")  # after a wrong one
+    _, _, _, rejected, checked = t.choose_attention([("right", "fa3")], eager, references=[("wrong", "fa3"),
+                                                                                          ("sdpa", "sdpa")])
+    assert rejected == [] and checked.startswith("agrees with sdpa")  # wrong's own probe raises: no reference
+    _, _, _, _, checked = t.choose_attention([("right", "fa3")], eager, references=[("wrong", "fa3")])
+    assert checked == "no kernel of another kind ran at the training shape to cross-check against"
     monkeypatch.setattr(t, "_flash_attn_func", untraceable)
     t.probe_attention(cfg, "fa3", 2, 64, cpu, None)  # eagerly it runs: only the compiled path exposes it
     votes = iter([False, True])
-    mode, label, rejected = t.choose_attention([("math", "sdpa"), ("math", "sdpa-expand")], probe,
-                                               agree=lambda ok: ok and next(votes))
+    kind, mode, label, rejected, _ = t.choose_attention([("math", "sdpa"), ("math", "sdpa-expand")], eager,
+                                                        agree=lambda ok: ok and next(votes))
     assert mode == "sdpa-expand" and rejected == ["math (native gqa): failed on another rank"]
-    with pytest.raises(t.ConfigError, match="no attention kernel ran.*wrong: RuntimeError"):
-        t.choose_attention(candidates[:2], probe)
+    with pytest.raises(t.ConfigError, match="no attention kernel ran.*fa3: not importable.*wrong: RuntimeError"):
+        t.choose_attention(candidates[:1], eager, rejected=["fa3: not importable (ImportError: no module)"])
 
 
 # ---------------------------------------------------------------------------- optimizer, schedule, EMA
@@ -559,6 +681,7 @@ sys.exit(t.main())
                   str(worker), timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "world_size: 2 grad_accum: 4" in r.stdout and "final_int6_roundtrip" in r.stdout
+    assert "process_group: gloo timeout: 1800s" in r.stdout  # rank 0 exports alone: not torch's 10 minutes
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert a.keys() == b.keys()
     for k in a:
