@@ -130,7 +130,8 @@ def markdown(table: dict, seeds: list) -> str:
 
 class Runner:
     def __init__(self, out: Path, cmd: list, base_env: dict, variants: dict, seeds: list, jobs: int):
-        self.out, self.cmd, self.base_env, self.variants, self.seeds, self.jobs = out, cmd, base_env, variants, seeds, jobs
+        self.out, self.cmd, self.base_env, self.variants, self.seeds = out, cmd, base_env, variants, seeds
+        self.jobs = jobs
         self.results, self.failed, self.times, self.t0 = {}, [], [], time.time()
         self.todo = [(v, s) for s in seeds for v in variants]  # seed-major: early pairs are complete
 

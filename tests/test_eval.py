@@ -176,13 +176,13 @@ N_CAUSAL = 200
 CAUSAL_P = [99, 110, 20]
 
 
-# the settings of issue 20, all on (SmearGate reads the previous position; the gate its own input)
+# the settings of issue 20, all on (SmearGate reads the previous position; the gate its own input), at p=99
 ALL_ON = dict(smear_gate=True, attn_out_gate="dense", recur_passes=3)
-FEATURES = pytest.mark.parametrize("over", [{}, ALL_ON], ids=["default", "issue20"])
+FEATURES = pytest.mark.parametrize("p,over", [pytest.param(p, {}, id=str(p)) for p in CAUSAL_P] +
+                                   [pytest.param(99, ALL_ON, id="99-issue20")])
 
 
 @FEATURES
-@pytest.mark.parametrize("p", CAUSAL_P)
 def test_sliding_eval_is_causal(p, over):
     model = make_model(**over)
     tokens = make_tokens(N_CAUSAL)
@@ -192,7 +192,6 @@ def test_sliding_eval_is_causal(p, over):
 
 
 @FEATURES
-@pytest.mark.parametrize("p", CAUSAL_P)
 def test_ttt_eval_is_causal(p, over):
     model = make_model(**over)
     hp = ttt_hp()
@@ -203,7 +202,6 @@ def test_ttt_eval_is_causal(p, over):
 
 
 @FEATURES
-@pytest.mark.parametrize("p", CAUSAL_P)
 def test_slot_eval_is_causal(p, over):
     model = make_model(**over)
     tokens = make_tokens(N_CAUSAL)

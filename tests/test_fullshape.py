@@ -1,7 +1,8 @@
 """The default architecture at its real shapes on CPU: the 11x512 model at sequence length 2048 through one
 optimizer step, calibration, the rate search and the export under the real 16,000,000-byte limit, then the
 roundtrip and sliding evaluations on a short val slice. Tiny configs hide scale bugs (the export once fitted at
-0.9 MB on the tiny model and came out at 23 MB on this one); this run catches them between GPU runs.
+0.9 MB on the tiny model and came out at 23 MB on this one); this run catches them between GPU runs. It runs with
+every setting of issue 20 on (three recurrence passes, SmearGate, the sparse attention output gate, Polar Express).
 """
 from __future__ import annotations
 
