@@ -515,9 +515,16 @@ class Attention(nn.Module):
             y = y.view(B, T, self.hkv, g, self.hd)
             y = y - (y * vn).sum(-1, keepdim=True) * vn
         if self.gate is not None:
-            k = self.gate.size(1)
-            y = y.reshape(B, T, self.h, self.hd) * torch.sigmoid(F.linear(u[..., :k], self.gate) * k ** -0.5)[..., None]
+            y = y.reshape(B, T, self.h, self.hd) * torch.sigmoid(self.gate_logits(u))[..., None]
         return self.proj(y.reshape(B, T, self.h * self.hd))
+
+    def gate_logits(self, u):
+        """(B, T, heads): s * W_h . u[:k], s = 1/sqrt(k). Sparse (k = 12) multiplies and sums elementwise: a
+        12-deep matmul would only pad out a tensor-core tile (and inductor benchmarks such shapes when compiling)."""
+        k = self.gate.size(1)
+        if k == u.size(-1):
+            return F.linear(u, self.gate) * k ** -0.5
+        return (u[..., None, :k] * self.gate.to(u.dtype)).sum(-1) * k ** -0.5
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -625,7 +632,8 @@ class GPT(nn.Module):
         e = rms_norm(self.tok_emb(ids)).to(self.act_dtype)
         if not self.cfg.smear_gate:
             return e
-        g = torch.sigmoid(e[..., :self.smear_w.numel()] @ self.smear_w.to(e.dtype)) * self.smear_lambda.to(e.dtype)
+        logit = (e[..., :self.smear_w.numel()] * self.smear_w.to(e.dtype)).sum(-1)  # 12-deep: no matmul
+        g = torch.sigmoid(logit) * self.smear_lambda.to(e.dtype)
         return e + (g * (ids != BOS_ID))[..., None] * F.pad(e[:, :-1], (0, 0, 1, 0))
 
     def hidden(self, ids):
