@@ -129,9 +129,9 @@ def markdown(table: dict, seeds: list) -> str:
 
 
 class Runner:
-    def __init__(self, out: Path, cmd: list, base_env: dict, variants: dict, seeds: list, jobs: int):
+    def __init__(self, out: Path, cmd: list, base_env: dict, variants: dict, seeds: list, jobs: int, report: bool):
         self.out, self.cmd, self.base_env, self.variants, self.seeds = out, cmd, base_env, variants, seeds
-        self.jobs = jobs
+        self.jobs, self.report = jobs, report
         self.results, self.failed, self.times, self.t0 = {}, [], [], time.time()
         self.todo = [(v, s) for s in seeds for v in variants]  # seed-major: early pairs are complete
 
@@ -158,6 +158,9 @@ class Runner:
                                  "use another --out")
             self.results[(name, seed)] = metrics(summary)
             self.say(f"[{i}/{len(self.todo)}] {run_id}: done earlier, not run again")
+            return
+        if self.report:
+            self.say(f"[{i}/{len(self.todo)}] {run_id}: not finished, left out (--report)")
             return
         folder.mkdir(parents=True, exist_ok=True)
         log.unlink(missing_ok=True)  # a run cut short starts again from nothing
@@ -200,6 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", nargs="+", default=[], metavar=("NAME", "KEY=VALUE"),
                     help="a named variant: its settings on top of the base's (repeat for more variants)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    ap.add_argument("--report", action="store_true", help="run nothing: the tables from the runs finished so far")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     variants = {"base": {}}
@@ -213,7 +217,7 @@ def main(argv=None) -> int:
     if not seeds or len(set(seeds)) != len(seeds) or a.jobs < 1:
         raise SystemExit("ablate.py: error: --seeds must list distinct seeds, and --jobs must be at least 1")
     a.out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(a.out.resolve(), shlex.split(a.cmd), base_env, variants, seeds, a.jobs)
+    runner = Runner(a.out.resolve(), shlex.split(a.cmd), base_env, variants, seeds, a.jobs, a.report)
     runner.say(f"{len(variants)} variants x {len(seeds)} seeds = {len(runner.todo)} runs of: {a.cmd}")
     runner.run()
     table = aggregate(variants, seeds, runner.results)

@@ -83,6 +83,9 @@ def test_resume_reruns_only_what_did_not_finish(tmp_path):
     log = out2 / "runs" / "gain_s3" / "logs" / "gain_s3.txt"
     log.write_text("started\n")  # cut short
     n = len(calls.read_text().split())
+    assert ablate.main([a.replace(str(out), str(out2)) for a in args] + ["--report"]) == 0  # runs nothing
+    row = json.loads((out2 / "ablation.json").read_text())["variants"]["gain"]
+    assert len(calls.read_text().split()) == n and row["delta"]["pre_quant"]["n"] == 2
     assert ablate.main([a.replace(str(out), str(out2)) for a in args]) == 0
     assert calls.read_text().split()[n:] == ["gain_s3"]
 
