@@ -187,7 +187,14 @@ def technique_summary(hp: dict) -> str:
         parts.append(f"{g('num_layers')}x{g('model_dim')} transformer"
                      + (f" (MLP {g('mlp_mult'):g}x)" if g("mlp_mult") else ""))
     if hp.get("recur_layers"):  # layer lists as logged, e.g. 4,5
-        parts.append(f"depth recurrence on layers {hp['recur_layers']}")
+        passes = g("recur_passes") or 2
+        parts.append(f"depth recurrence on layers {hp['recur_layers']}" + (f" ({passes} passes)" if passes != 2 else ""))
+    if g("smear_gate"):
+        parts.append("SmearGate")
+    if g("attn_out_gate") not in (None, "0"):
+        parts.append(f"{g('attn_out_gate')} attention output gate")
+    if g("muon_ns") == "polar":
+        parts.append("Polar Express Newton-Schulz")
     if (g("parallel_start_layer") or 0) > 0:
         parts.append(f"parallel residual lanes from layer {g('parallel_start_layer')}")
     if g("ve_enabled") and hp.get("ve_layers"):

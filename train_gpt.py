@@ -67,10 +67,13 @@ class ModelConfig:
     ve_dim: int = 128  # value-embedding width
     ve_layers: tuple = (9, 10)  # layers whose values get the value embedding
     qk_gain_init: float = 5.0  # any sign
-    recur_layers: tuple = (4, 5)  # depth recurrence: repeated once, right after the last of them; empty: off
+    recur_layers: tuple = (4, 5)  # depth recurrence: repeated right after the last of them; empty: off
+    recur_passes: int = 2  # how many times the recurrent layers run, >= 2 (2: repeated once)
     parallel_start_layer: int = 7  # first layer of the parallel residual lanes; 0: off
     max_seq_len: int = 2048  # not a setting: max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN), the RoPE tables' length
     tied_embed_init_std: float = 0.005
+    smear_gate: bool = False  # SmearGate: each token's embedding mixes in the previous token's (never across a BOS)
+    attn_out_gate: str = "0"  # 0|dense|sparse: per-head sigmoid gate on attention's output, from all or 12 input dims
 
     def __post_init__(self):  # JSON (the artifact header) turns tuples into lists
         self.ve_layers, self.recur_layers = tuple(self.ve_layers), tuple(self.recur_layers)
@@ -113,6 +116,7 @@ class Hyperparameters:
     scalar_lr: float = 0.02
     muon_momentum: float = 0.99  # in [0, 1)
     muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_ns: str = "quintic"  # quintic|polar: Newton-Schulz coefficients (polar: Polar Express, per iteration)
     muon_momentum_warmup_start: float = 0.92  # in [0, 1)
     muon_momentum_warmup_steps: int = 1500
     muon_wd: float = 0.09
@@ -218,7 +222,7 @@ class Hyperparameters:
         each([n for n in numbers if type(get(n)) is float], math.isfinite, "a finite number")
         each("vocab_size num_layers model_dim num_heads num_kv_heads iterations train_batch_tokens train_seq_len "
              "val_batch_tokens eval_stride gptq_calibration_batches artifact_bytes_limit ttt_chunk_tokens "
-             "ttt_batch_seqs", lambda v: v >= 1, "at least 1")
+             "ttt_batch_seqs muon_backend_steps", lambda v: v >= 1, "at least 1")
         each("warmdown_frac recur_start_frac min_lr", lambda v: 0 <= v <= 1, "in [0, 1]")
         each("ema_decay beta1 beta2 muon_momentum muon_momentum_warmup_start ttt_momentum", lambda v: 0 <= v < 1,
              "in [0, 1)")
@@ -237,6 +241,11 @@ class Hyperparameters:
             need(list(layers) == sorted(set(layers)), f"{name}={layers} must list distinct layers in increasing order")
         need(m.parallel_start_layer <= last, f"PARALLEL_START_LAYER={m.parallel_start_layer} not in 0..{last}")
         need(m.ve_dim >= 1 or not h.ve, f"VE_DIM={m.ve_dim} must be at least 1 when VE_LAYERS are set")
+        need(m.recur_passes >= 2, f"RECUR_PASSES={m.recur_passes} must be at least 2 (RECUR_LAYERS= turns it off)")
+        need(m.attn_out_gate in ("0", "dense", "sparse"), f"ATTN_OUT_GATE={m.attn_out_gate} must be 0, dense or sparse")
+        need(h.muon_ns in NS_COEFFS, f"MUON_NS={h.muon_ns} must be quintic or polar")
+        need(h.muon_backend_steps == len(NS_COEFFS["polar"]) or h.muon_ns != "polar",
+             f"MUON_NS=polar has coefficients for MUON_BACKEND_STEPS={len(NS_COEFFS['polar'])} only")
         need(h.world_size in (1, 2, 4, 8), f"WORLD_SIZE={h.world_size} must divide 8")
         need(h.train_batch_tokens % h.train_seq_len == 0,
              f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
@@ -470,6 +479,9 @@ def causal_attention(q, k, v, backend: str):
         k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
 
+BOS_ID = 1  # every document starts with it (the shard format, data/prepare.py)
+GATE_DIMS = 12  # input dims read by SmearGate and the sparse attention output gate
+
 def error_text(e: BaseException) -> str:
     """An exception as one short line: its type and the first line of its message."""
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
@@ -491,6 +503,9 @@ class Attention(nn.Module):
         self.proj.zero_init = True
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
         self.xsa, self.rope_dims, self.backend = xsa, cfg.rope_dims, "sdpa"
+        # output gate: head h scaled by sigmoid(W_h u[:k] / sqrt(k)); zero init (every gate 0.5)
+        k = {"dense": d, "sparse": min(GATE_DIMS, d)}.get(cfg.attn_out_gate, 0)
+        self.gate = nn.Parameter(torch.zeros(self.h, k)) if k else None
         half = cfg.rope_dims // 2
         inv_freq = cfg.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2 / max(cfg.rope_dims, 1))
         ang = torch.arange(cfg.max_seq_len, dtype=torch.float64)[:, None] * inv_freq[None]
@@ -521,7 +536,17 @@ class Attention(nn.Module):
             vn = F.normalize(v, dim=-1).to(y.dtype).unsqueeze(3)  # autocast normalizes in fp32
             y = y.view(B, T, self.hkv, g, self.hd)
             y = y - (y * vn).sum(-1, keepdim=True) * vn
+        if self.gate is not None:
+            y = y.reshape(B, T, self.h, self.hd) * torch.sigmoid(self.gate_logits(u))[..., None]
         return self.proj(y.reshape(B, T, self.h * self.hd))
+
+    def gate_logits(self, u):
+        """(B, T, heads): s * W_h . u[:k], s = 1/sqrt(k). Sparse (k = 12) multiplies and sums elementwise: a
+        12-deep matmul would only pad out a tensor-core tile (and inductor benchmarks such shapes when compiling)."""
+        k = self.gate.size(1)
+        if k == u.size(-1):
+            return F.linear(u, self.gate) * k ** -0.5
+        return (u[..., None, :k] * self.gate.to(u.dtype)).sum(-1) * k ** -0.5
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -590,8 +615,13 @@ class GPT(nn.Module):
         self.lanes_from = cfg.parallel_start_layer
         if self.lanes_from:
             self.lane_merge = nn.Parameter(torch.tensor(0.5))
+        if cfg.smear_gate:  # zero init: the identity
+            self.smear_w = nn.Parameter(torch.zeros(min(GATE_DIMS, d)))
+            self.smear_lambda = nn.Parameter(torch.zeros(()))
         r = list(cfg.recur_layers)
-        self.recur_order = list(range(n)) if not r else list(range(r[-1] + 1)) + r + list(range(r[-1] + 1, n))
+        self.recur_order = list(range(n))
+        if r:  # the recurrent layers run recur_passes times in a row, then the rest
+            self.recur_order = list(range(r[-1] + 1)) + r * (cfg.recur_passes - 1) + list(range(r[-1] + 1, n))
         self.recur_active = False
         self.act_dtype = torch.float32  # the residual stream's dtype; build_model sets bf16 on CUDA (autocast)
         self._init_weights()
@@ -618,10 +648,20 @@ class GPT(nn.Module):
         g = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
         return g * x + (1 - g) * s
 
+    def embed(self, ids):
+        """The normed embedding (fp32 table and norm, then the stream's dtype); with SMEAR_GATE, position t adds
+        lambda * sigmoid(w . e_t[:12]) * e_{t-1}, except where token t is BOS: documents never mix."""
+        e = rms_norm(self.tok_emb(ids)).to(self.act_dtype)
+        if not self.cfg.smear_gate:
+            return e
+        logit = (e[..., :self.smear_w.numel()] * self.smear_w.to(e.dtype)).sum(-1)  # 12-deep: no matmul
+        g = torch.sigmoid(logit) * self.smear_lambda.to(e.dtype)
+        return e + (g * (ids != BOS_ID))[..., None] * F.pad(e[:, :-1], (0, 0, 1, 0))
+
     def hidden(self, ids):
         """Final normalized hidden state (B, T, d): the single-lane prefix, then (PARALLEL_START_LAYER > 0) the
         fork at the first position whose layer is >= PARALLEL_START_LAYER, every later position in lane mode."""
-        x = x0 = rms_norm(self.tok_emb(ids)).to(self.act_dtype)  # fp32 table and norm, then the stream's dtype
+        x = x0 = self.embed(ids)
         ve_base = self.ve_proj(self.ve_embed(ids)) * self.ve_scale if self.ve_index else None
         ve = lambda l: ve_base * self.ve_layer_scales[self.ve_index[l]] if l in self.ve_index else None
         order, outs = self.layer_order(), {}
@@ -670,41 +710,54 @@ class GPT(nn.Module):
 
 def flops_per_token(model: GPT, recur: bool, seq_len: int) -> float:
     """Model FLOPs of one training token (MFU's numerator; README: MFU): 6 x the weights it multiplies through
-    (recurrent passes counted, the tied head included) + 6 x layer passes x seq_len x d for causal attention (QK^T
-    and AV over the causal half: 2 x seq_len x d forward, the backward twice that, no recompute)."""
+    (recurrent passes counted, the tied head and attention output gates included) + 6 x layer passes x seq_len x d
+    for causal attention (QK^T and AV over the causal half: 2 x seq_len x d forward, the backward twice that, no
+    recompute)."""
     order = model.recur_order if recur else range(len(model.blocks))
     mats = sum(m.weight.numel() for l in order for m in model.blocks[l].modules() if isinstance(m, nn.Linear))
+    mats += sum(model.blocks[l].attn.gate.numel() for l in order if model.blocks[l].attn.gate is not None)
     return 6 * (mats + model.tok_emb.weight.numel()) + 6 * len(order) * seq_len * model.cfg.model_dim
 
 # ============================================================================ optimizer
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_COEFFS = {  # MUON_NS: (a, b, c) per iteration of X <- a X + (b A + c A^2) X, A = X X^T
+    "quintic": ((3.4445, -4.7750, 2.0315),),  # the same every iteration
+    # Polar Express (Amsel et al. 2025; upstream #1344, #1787): minimax-optimal for each of 5 iterations
+    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}
 
-def newton_schulz5(G: torch.Tensor, steps: int) -> torch.Tensor:
-    """Approximate orthogonalization of a batch of matrices (B, r, c) by a quintic Newton-Schulz."""
-    a, b, c = NS_COEFFS
+def ns_coefficients(kind: str, steps: int) -> tuple:
+    """(a, b, c) for each of `steps` iterations (polar: exactly its 5, see validate)."""
+    return NS_COEFFS["polar"] if kind == "polar" else NS_COEFFS["quintic"] * steps
+
+def newton_schulz(G: torch.Tensor, coeffs: tuple) -> torch.Tensor:
+    """Approximate orthogonalization of a batch of matrices (B, r, c): one quintic iteration per (a, b, c)."""
     X = G.bfloat16() if G.is_cuda else G.float()
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for a, b, c in coeffs:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
 
-def muoneq_r_update(U: torch.Tensor, steps: int) -> torch.Tensor:
+def muoneq_r_update(U: torch.Tensor, coeffs: tuple) -> torch.Tensor:
     """MuonEq-R: normalize each row, orthogonalize, rescale for non-square shapes."""
     U = U / U.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(U.dtype)
-    X = newton_schulz5(U, steps)
+    X = newton_schulz(U, coeffs)
     return X * math.sqrt(max(1.0, U.size(-2) / U.size(-1)))
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum + MuonEq-R + decoupled weight decay. Matrices are orthogonalized in batches of one
     shape; matrix i is owned by rank i % world, and one flat all-reduce gives every rank all the updates."""
 
-    def __init__(self, params, lr, momentum, ns_steps, wd, rank=0, world=1, ns_fn=muoneq_r_update):
-        super().__init__(list(params), dict(lr=lr, momentum=momentum, ns_steps=ns_steps, wd=wd))
+    def __init__(self, params, lr, momentum, ns, wd, rank=0, world=1, ns_fn=muoneq_r_update):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, ns=ns, wd=wd))  # ns: ns_coefficients
         self.rank, self.world, self.ns_fn = rank, world, ns_fn
 
     @torch.no_grad()
@@ -728,7 +781,7 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_mul_(bufs, mom)
                 torch._foreach_add_(bufs, grads)
                 nesterov = torch._foreach_add(grads, bufs, alpha=mom)
-                upd = self.ns_fn(torch.stack(nesterov), group["ns_steps"])
+                upd = self.ns_fn(torch.stack(nesterov), group["ns"])
                 for i, u in zip(idx, upd):
                     flat[offsets[i]:offsets[i + 1]] = u.reshape(-1)
             if self.world > 1:
@@ -749,8 +802,8 @@ def build_optimizers(model: GPT, hp: Hyperparameters, ns_fn=muoneq_r_update) -> 
     mats, embeds, scalars = param_groups(model)
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, **fused)
-    opts = [Muon(mats, hp.matrix_lr, hp.muon_momentum_warmup_start, hp.muon_backend_steps, hp.muon_wd,
-                 hp.rank, hp.world_size, ns_fn),
+    opts = [Muon(mats, hp.matrix_lr, hp.muon_momentum_warmup_start, ns_coefficients(hp.muon_ns, hp.muon_backend_steps),
+                 hp.muon_wd, hp.rank, hp.world_size, ns_fn),
             torch.optim.AdamW(embeds, lr=hp.tied_embed_lr, weight_decay=hp.embed_wd, **adam),
             torch.optim.AdamW(scalars, lr=hp.scalar_lr, weight_decay=hp.adam_wd, **adam)]
     for opt in opts:
@@ -2243,6 +2296,7 @@ def summary(s: Session, model_bytes: int, evals: dict, reported: str, trained=No
         "model_bytes": model_bytes,
         "total_bytes": model_bytes + s.code_bytes,
         "bytes_limit": hp.artifact_bytes_limit,
+        "model_params": count_params(s.cfg),
         "steps": r.steps if r else None,
         "stopped_early": r.stopped_early if r else None,
         "train_ms": round(train_ms) if q else None,
@@ -2260,6 +2314,10 @@ def summary(s: Session, model_bytes: int, evals: dict, reported: str, trained=No
         "settings": hp.non_default,
         "curve": r.curve if r else dict(train=[], val=[]),
     }
+
+def count_params(cfg: ModelConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(cfg).parameters())
 
 def finite_or_null(x, where: str = "", bad: list | None = None):
     """`x` with every NaN or infinity replaced by None (null in JSON), recursively; their paths go to `bad`."""

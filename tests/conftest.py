@@ -72,6 +72,9 @@ def random_gpt(seed: int = 0, **over):
         for p in model.parameters():
             if p.ndim < 2:
                 p.add_(torch.randn_like(p) * 0.1)
+        for blk in model.blocks:  # ATTN_OUT_GATE's matrices (zero init: every gate 0.5)
+            if blk.attn.gate is not None:
+                blk.attn.gate.normal_(0, 1.0)
     model.recur_active = True
     model.requires_grad_(False)
     return model

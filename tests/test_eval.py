@@ -178,18 +178,24 @@ N_CAUSAL = 200
 CAUSAL_P = [99, 110, 20]
 
 
-@pytest.mark.parametrize("p", CAUSAL_P)
-def test_sliding_eval_is_causal(p):
-    model = make_model()
+# the settings of issue 20, all on (SmearGate reads the previous position; the gate its own input), at p=99
+ALL_ON = dict(smear_gate=True, attn_out_gate="dense", recur_passes=3)
+FEATURES = pytest.mark.parametrize("p,over", [pytest.param(p, {}, id=str(p)) for p in CAUSAL_P] +
+                                   [pytest.param(99, ALL_ON, id="99-issue20")])
+
+
+@FEATURES
+def test_sliding_eval_is_causal(p, over):
+    model = make_model(**over)
     tokens = make_tokens(N_CAUSAL)
     ev_a, ev_b = evaluator(tokens), evaluator(changed_after(tokens, p))
     for stride in (STRIDE, SEQ):
         assert_causal(score(ev_a, model, stride, dump=True)["nll"], score(ev_b, model, stride, dump=True)["nll"], p)
 
 
-@pytest.mark.parametrize("p", CAUSAL_P)
-def test_ttt_eval_is_causal(p):
-    model = make_model()
+@FEATURES
+def test_ttt_eval_is_causal(p, over):
+    model = make_model(**over)
     hp = ttt_hp()
     tokens = make_tokens(N_CAUSAL)
     a = t.evaluate_ttt(evaluator(tokens), model, hp, dump=True, log=lambda *_: None)["nll"]
@@ -197,9 +203,9 @@ def test_ttt_eval_is_causal(p):
     assert_causal(a, b, p)
 
 
-@pytest.mark.parametrize("p", CAUSAL_P)
-def test_slot_eval_is_causal(p):
-    model = make_model()
+@FEATURES
+def test_slot_eval_is_causal(p, over):
+    model = make_model(**over)
     tokens = make_tokens(N_CAUSAL)
     slot = (4, 0.1)
     a = score(evaluator(tokens), model, STRIDE, dump=True, slot=slot)["nll"]

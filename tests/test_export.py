@@ -530,7 +530,9 @@ def run_ok(env, what):
 @pytest.fixture(scope="module")
 def base_run(tiny_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export_base")
-    env = tiny_env(tiny_data_dir, out, RUN_ID="base")
+    # the settings of issue 20 on: the artifact carries them, and EVAL_ONLY / EXPORT_ONLY reproduce the run with them
+    env = tiny_env(tiny_data_dir, out, RUN_ID="base", MUON_NS="polar", RECUR_PASSES=3, SMEAR_GATE=1,
+                   ATTN_OUT_GATE="dense")
     code_before = TRAIN.stat().st_size
     r = run_ok(env, "base run")
     return dict(out=out, env=env, stdout=r.stdout, log=(out / "logs" / "base.txt").read_text(), code=code_before)
@@ -555,6 +557,8 @@ def test_end_to_end_sizes_and_log(base_run):
     cfg, entries = t.load_artifact(art)
     assert (cfg.num_layers, cfg.model_dim, cfg.vocab_size, cfg.recur_layers, cfg.ve_layers) == (4, 32, 512, (1, 2),
                                                                                                 (2, 3))
+    assert (cfg.recur_passes, cfg.smear_gate, cfg.attn_out_gate) == (3, True, "dense")
+    assert {e["kind"] for n, e in entries.items() if "gate" in n and "skip" not in n or "smear" in n} == {"fp16"}
     m = t.GPT(cfg)
     m.load_state_dict(t.dequantize_entries(entries), strict=True)
     assert not list(out.glob("*.tmp*"))

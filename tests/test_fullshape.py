@@ -1,7 +1,8 @@
 """The default architecture at its real shapes on CPU: the 11x512 model at sequence length 2048 through one
 optimizer step, calibration, the rate search and the export under the real 16,000,000-byte limit, then the
 roundtrip and sliding evaluations on a short val slice. Tiny configs hide scale bugs (the export once fitted at
-0.9 MB on the tiny model and came out at 23 MB on this one); this run catches them between GPU runs.
+0.9 MB on the tiny model and came out at 23 MB on this one); this run catches them between GPU runs. It runs with
+every setting of issue 20 on (three recurrence passes, SmearGate, the sparse attention output gate, Polar Express).
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def sample_data(tmp_path_factory):
     return root / "data", root / "val_slice.bin"
 
 
+# every technique of issue 20 on, at the default architecture (the defaults are the reference's: test_trainer)
+ISSUE20 = dict(MUON_NS="polar", RECUR_PASSES="3", SMEAR_GATE="1", ATTN_OUT_GATE="sparse")
+
+
 def test_default_architecture_dry_run(sample_data, tmp_path):
     data, val = sample_data
     env = tiny_env(data, tmp_path, RUN_ID="full", VAL_FILES=val, OMP_NUM_THREADS="2")
@@ -37,11 +42,13 @@ def test_default_architecture_dry_run(sample_data, tmp_path):
             del env[name]
     env.update(ITERATIONS="1", MAX_WALLCLOCK_SECONDS="0", TRAIN_BATCH_TOKENS="16384", VAL_LOSS_EVERY="0",
                GPTQ_CALIBRATION_BATCHES="1", GPTQ_ENABLED="0", EVAL_STRIDE="512", RECUR_START_STEP="0")
+    env.update(ISSUE20)
     r = run_train(env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = r.stdout
-    assert "model_params:34401380" in log and "  train_seq_len: 2048" in log and "  num_layers: 11" in log
-    assert "recurrence:activated at step 0" in log
+    # the reference's 34,401,380 (test_trainer checks it) + SmearGate's 13 + the sparse gates' 11 x 8 x 12
+    assert "model_params:34402449" in log and "  train_seq_len: 2048" in log and "  num_layers: 11" in log
+    assert "recurrence:activated at step 0, virtual_layers=[0, 1, 2, 3, 4, 5, 4, 5, 4, 5, 6, 7, 8, 9, 10]" in log
     assert re.search(r"^train_summary: steps: 1 ", log, re.M)
     code = int(re.search(r"^Code size: (\d+) bytes$", log, re.M).group(1))
     model = int(re.search(r"^Serialized model int6\+brotli: (\d+) bytes$", log, re.M).group(1))
@@ -50,7 +57,7 @@ def test_default_architecture_dry_run(sample_data, tmp_path):
     for name in ("final_int6_roundtrip", "final_int6_sliding_window"):
         assert re.search(rf"^{name} val_loss:\S+ val_bpb:\S+ eval_time:\d+ms$", log, re.M), name
     cfg, entries = t.load_artifact(tmp_path / "final_model.int6.ptz")
-    assert cfg == t.ModelConfig(), cfg
+    assert cfg == t.ModelConfig(recur_passes=3, smear_gate=True, attn_out_gate="sparse"), cfg
     m = t.GPT(cfg)
     m.load_state_dict(t.dequantize_entries(entries), strict=True)
 
