@@ -1,5 +1,5 @@
-"""bench/ablate.py: two variants on one seed at the tiny config (base + everything of issue 20) and the table from
-their summary lines; resuming, failures and the statistics with a stand-in for train_gpt.py."""
+"""bench/ablate.py: two variants on one seed at the tiny config (base + every technique beyond the reference) and
+the table from their summary lines; resuming, failures and the statistics with a stand-in for train_gpt.py."""
 import json
 import sys
 

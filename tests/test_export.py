@@ -531,7 +531,8 @@ def run_ok(env, what):
 @pytest.fixture(scope="module")
 def base_run(tiny_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export_base")
-    # the settings of issue 20 on: the artifact carries them, and EVAL_ONLY / EXPORT_ONLY reproduce the run with them
+    # the techniques beyond the reference on: the artifact carries them, and EVAL_ONLY / EXPORT_ONLY reproduce the
+    # run with them
     env = tiny_env(tiny_data_dir, out, RUN_ID="base", MUON_NS="polar", RECUR_PASSES=3, SMEAR_GATE=1,
                    ATTN_OUT_GATE="dense")
     code_before = TRAIN.stat().st_size

@@ -241,7 +241,7 @@ def test_reproduce_quotes_and_vocab(rec):
           "gptq_enabled": "False", "sliding_window_enabled": "False", "mlp_mult": "3.5"}
     assert mr.technique_summary(mr.parse_hparams("\n".join(hparams(1, "x", hp)))) == (
         "SP4096, 12x512 transformer (MLP 3.5x), depth recurrence on layers 0, int6 + brotli")
-    hp.update(recur_passes="3", smear_gate="True", attn_out_gate="sparse", muon_ns="polar")  # issue 20's
+    hp.update(recur_passes="3", smear_gate="True", attn_out_gate="sparse", muon_ns="polar")  # beyond the reference
     assert mr.technique_summary(mr.parse_hparams("\n".join(hparams(1, "x", hp)))) == (
         "SP4096, 12x512 transformer (MLP 3.5x), depth recurrence on layers 0 (3 passes), SmearGate, sparse attention "
         "output gate, Polar Express Newton-Schulz, int6 + brotli")
