@@ -566,13 +566,14 @@ sys.exit(t.main())
     assert not torch.equal(a["blocks.0.mlp.proj.weight"], torch.zeros_like(a["blocks.0.mlp.proj.weight"]))
 
 
-@pytest.mark.parametrize("warmup,world", [(4, 1), (1, 1), (4, 2)])
-def test_compiled_path_traces_fullgraph_and_compiles_nothing_timed(tmp_path, tiny_data_dir, warmup, world):
+@pytest.mark.parametrize("warmup,world,ttt_mode", [(4, 1, "lora"), (1, 1, "sgd"), (4, 2, "sgd")])
+def test_compiled_path_traces_fullgraph_and_compiles_nothing_timed(tmp_path, tiny_data_dir, warmup, world, ttt_mode):
     """COMPILE=1 through dynamo with the eager backend: the tracing, guards and recompiles of a GPU run, without
     codegen. fullgraph raises on any graph break, the evals (plain, sliding, TTT) stay under the recompile limit,
     and with a warmup covering both recurrence states nothing compiles inside the timed loop. A 1-step warmup
     compiles only the recurrent graph, so the loop must compile the other one and say so (the counter works).
-    With 2 gloo processes the compiled module runs under DDP."""
+    With 2 gloo processes the compiled module runs under DDP. TTT_MODE=lora compiles one graph per window shape,
+    and nothing more after its first batch (the phases' SGD changes the weights, not the graphs)."""
     worker = tmp_path / "worker.py"
     worker.write_text(f"""
 import os, sys, torch
@@ -586,13 +587,18 @@ if os.environ.get("RANK", "0") == "0":
 sys.exit(rc)
 """)
     env = tiny_env(tiny_data_dir, tmp_path / "out", COMPILE=1, WARMUP_STEPS=warmup, ITERATIONS=6, VAL_LOSS_EVERY=3,
-                   TTT_ENABLED=1, TTT_CHUNK_TOKENS=4096, TTT_BATCH_SEQS=8, TTT_FREEZE_BLOCKS=1)
+                   TTT_ENABLED=1, TTT_MODE=ttt_mode, TTT_CHUNK_TOKENS=4096, TTT_BATCH_SEQS=8, TTT_FREEZE_BLOCKS=1,
+                   TTT_LORA_RANK=4, TTT_LORA_CHUNK_TOKENS=16, TTT_LORA_BATCH_DOCS=4, TTT_PHASES=1, TTT_PREFIX_DOCS=1)
+    if ttt_mode == "lora":  # the last val shard only (2 documents, 2,256 tokens): one step per 16 targets is slow
+        env["VAL_FILES"] = str(sorted(tiny_data_dir.glob("datasets/*/fineweb_val_*.bin"))[-1])
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
     r = run_train(env, sys.executable, *launch, str(worker), timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "env: compile: True" in r.stdout and "final_int6_ttt" in r.stdout
     assert f"world_size: {world} " in r.stdout
     assert log_value(r.stdout, "unique_graphs:", "unique_graphs:") >= 6  # train x2, muon, evals
+    if ttt_mode == "lora":
+        assert log_value(r.stdout, "ttt_lora:", "graphs_compiled:") == log_value(r.stdout, "ttt_lora:", "shapes:") == 3
     timed = log_value(r.stdout, "train_summary:", "timed_compiles:")
     if warmup > 1:
         assert timed == 0 and "WARNING" not in r.stdout
