@@ -149,7 +149,7 @@ class Hyperparameters:
     ttt_lora_targets: str = "q,k,v,o,up,down,head"  # adapted: q,k,v,o (attention), up,down (MLP), head
     ttt_lora_lr: float = 1e-4  # AdamW, betas (0, 0.999)
     ttt_lora_wd: float = 0.5
-    ttt_lora_chunk_tokens: int = 48  # a document's targets scored before each LoRA step
+    ttt_lora_chunk_tokens: int = 64  # a document's targets scored before each LoRA step
     ttt_lora_batch_docs: int = 64  # documents side by side, sorted by length
     ttt_phases: int = 3  # phases over the first TTT_PREFIX_DOCS documents, whole-model SGD after each; 0: none
     ttt_prefix_docs: int = 2000
@@ -1642,6 +1642,14 @@ def lora_window(ci: int, chunk: int, L: int) -> tuple:
     w0 = max(0, end - L)
     return w0, min(L, 1 << (end - w0 - 1).bit_length())
 
+def lora_phases(hp: Hyperparameters, n_docs: int) -> list:
+    """Document ranges [d0, d1): TTT_PHASES equal phases over the first TTT_PREFIX_DOCS documents, then the rest.
+    Whole-model SGD follows each non-empty phase that leaves documents to score."""
+    prefix = min(hp.ttt_prefix_docs, n_docs) if hp.ttt_phases else 0
+    phases = hp.ttt_phases if prefix else 0
+    cuts = [prefix * p // phases for p in range(phases)] + [prefix, n_docs]
+    return list(zip(cuts, cuts[1:]))
+
 def lora_batches(docs: np.ndarray, group, rank: int, world: int, rows: int) -> list:
     """This rank's batches of the documents `group`: sorted by length (longest first, ties in stream order),
     dealt to the ranks in turn, `rows` side by side."""
@@ -1706,9 +1714,8 @@ def evaluate_lora_ttt(ev: Evaluator, model, hp: Hyperparameters, dump=False, log
     frozen = {id(p) for blk in m.blocks[:hp.ttt_freeze_blocks] for p in blk.parameters()}
     params = [p for p in m.parameters() if id(p) not in frozen]
     opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-    prefix = min(hp.ttt_prefix_docs, len(docs)) if hp.ttt_phases else 0
-    phases = hp.ttt_phases if prefix else 0
-    cuts = [prefix * p // phases for p in range(phases)] + [prefix, len(docs)]
+    groups = lora_phases(hp, len(docs))
+    phases = len(groups) - 1
     ar = torch.arange(max(ev.L, C) + 1, device=dev)
     graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
     g0, shapes = graphs(), set()
@@ -1718,7 +1725,7 @@ def evaluate_lora_ttt(ev: Evaluator, model, hp: Hyperparameters, dump=False, log
         f"TFLOP/s per GPU, the rate of the reference's sliding eval) "
         + ("fits" if est["total"] <= 600 else "does not fit") + f" 600s with the sliding eval skipped "
         f"(SLIDING_WINDOW_ENABLED=0; it would add {est['sliding']:.0f}s)")
-    for g, (d0, d1) in enumerate(zip(cuts, cuts[1:])):
+    for g, (d0, d1) in enumerate(groups):
         sync(dev)
         t0 = time.perf_counter()
         for batch in lora_batches(docs, range(d0, d1), ev.rank, ev.world, rows):
@@ -1748,10 +1755,9 @@ def evaluate_lora_ttt(ev: Evaluator, model, hp: Hyperparameters, dump=False, log
             log(f"ttt_phase: rest {scored}")
             break
         hi = int(docs[d1 - 1].sum()) if d1 > d0 else 0  # the phase's last target: SGD sees only scored documents
-        if d1 < len(docs) and d1 > d0:
+        if len(docs) > d1 > d0:
             if lora:
                 lora.attach(False)
-            m.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
             for _ in range(hp.ttt_epochs):
@@ -1784,11 +1790,8 @@ def lora_ttt_estimate(m: GPT, hp: Hyperparameters, docs: np.ndarray, L: int, wor
     fwd = lambda T: 2 * mats + 2 * len(order) * T * d
     chunk = lambda T: rows * T * ((2 + 2 * b) * mats + (2 + 4 * b) * len(order) * T * d + (2 + 4 * b) * lw) \
         + rows * C * ((2 + 2 * b) * hw + (2 + 4 * b) * hl)
-    cuts = hp.ttt_phases and min(hp.ttt_prefix_docs, len(docs))
-    phases = hp.ttt_phases if cuts else 0
-    bounds = [cuts * p // phases for p in range(phases)] + [cuts, len(docs)]
     lora, shapes, sgd_tokens = 0.0, set(), 0
-    for d0, d1 in zip(bounds, bounds[1:]):
+    for d0, d1 in lora_phases(hp, len(docs)):
         per_rank = []
         for rank in range(world):
             f = 0.0
@@ -1799,7 +1802,7 @@ def lora_ttt_estimate(m: GPT, hp: Hyperparameters, docs: np.ndarray, L: int, wor
                     f += chunk(T)
             per_rank.append(f)
         lora += max(per_rank)
-        if d1 < len(docs) and d1 > d0 and d1 <= cuts:
+        if len(docs) > d1 > d0:
             sgd_tokens += hp.ttt_epochs * int(docs[d1 - 1].sum())
     n = int(docs[:, 1].sum())
     rate = H100_EVAL_FLOPS * world

@@ -590,7 +590,8 @@ sys.exit(rc)
                    TTT_ENABLED=1, TTT_MODE=ttt_mode, TTT_CHUNK_TOKENS=4096, TTT_BATCH_SEQS=8, TTT_FREEZE_BLOCKS=1,
                    TTT_LORA_RANK=4, TTT_LORA_CHUNK_TOKENS=16, TTT_LORA_BATCH_DOCS=4, TTT_PHASES=1, TTT_PREFIX_DOCS=1)
     if ttt_mode == "lora":  # the last val shard only (2 documents, 2,256 tokens): one step per 16 targets is slow
-        env["VAL_FILES"] = str(sorted(tiny_data_dir.glob("datasets/*/fineweb_val_*.bin"))[-1])
+        env.update(VAL_FILES=str(sorted(tiny_data_dir.glob("datasets/*/fineweb_val_*.bin"))[-1]),
+                   DUMP_TOKEN_NLL=str(tmp_path / "nll.npy"))
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
     r = run_train(env, sys.executable, *launch, str(worker), timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -599,6 +600,9 @@ sys.exit(rc)
     assert log_value(r.stdout, "unique_graphs:", "unique_graphs:") >= 6  # train x2, muon, evals
     if ttt_mode == "lora":
         assert log_value(r.stdout, "ttt_lora:", "graphs_compiled:") == log_value(r.stdout, "ttt_lora:", "shapes:") == 3
+        nll = np.load(tmp_path / "nll.ttt.npy")
+        assert nll.shape == (log_value(r.stdout, "val_tokens:", "val_tokens:"),) and (nll > 0).all()
+        assert "ttt_phase: 1/1 docs: 1 targets: 265 " in r.stdout and "ttt:eval_estimate_8xh100_s: " in r.stdout
     timed = log_value(r.stdout, "train_summary:", "timed_compiles:")
     if warmup > 1:
         assert timed == 0 and "WARNING" not in r.stdout
