@@ -58,6 +58,10 @@ def test_env_overrides_and_types():
     ({"SEED": "x"}, "SEED='x' is not a valid int"),
     ({"ATTN_BACKEND": "xformers"}, "ATTN_BACKEND"),
     ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096 > EVAL_SEQ_LEN"),
+    ({"TTT_MODE": "adam"}, "TTT_MODE=adam must be sgd or lora"),
+    ({"TTT_LORA_TARGETS": "q,gate"}, "TTT_LORA_TARGETS=q,gate must be"),
+    ({"TTT_MODE": "lora", "TTT_LORA_CHUNK_TOKENS": "4096"}, "TTT_LORA_CHUNK_TOKENS=4096 must be in 1..EVAL_SEQ_LEN"),
+    ({"TTT_LORA_LR": "nan"}, "TTT_LORA_LR and TTT_LORA_WD must be finite"),
 ])
 def test_impossible_values_raise_one_clear_error(env, needle):
     with pytest.raises(t.ConfigError, match=needle):
