@@ -203,7 +203,9 @@ def technique_summary(hp: dict) -> str:
         parts.append(("full-Hessian GPTQ int6" if g("gptq_enabled") else "int6") + " + brotli")
     if g("sliding_window_enabled"):
         parts.append(f"sliding-window eval stride {g('eval_stride')}")
-    if g("ttt_enabled"):
+    if g("ttt_enabled") and g("ttt_mode") == "lora":
+        parts.append(f"score-first document-wise LoRA TTT (rank {g('ttt_lora_rank')}, {g('ttt_phases')} phases)")
+    elif g("ttt_enabled"):
         parts.append("score-first TTT")
     if g("slot_enabled"):
         parts.append("SLOT")
@@ -284,7 +286,12 @@ def compliance_lines(sub: dict, runs: list[dict]) -> list[str]:
              "the first window that reaches it." if sliding else
              "non-overlapping windows, every target scored exactly once.")]
     scores = set(s0["scores"])
-    if any("ttt" in k for k in scores):
+    if any("ttt" in k for k in scores) and _hp_value(hp, "ttt_mode") == "lora":
+        L.append("- **Score before update (document-wise LoRA TTT):** each document is scored on its own "
+                 "tokens only, chunk by chunk; a chunk's NLL comes before the step that trains that document's "
+                 "adapters on it, adapters restart for every document, and the phases' whole-model SGD trains "
+                 "only on documents already scored.")
+    elif any("ttt" in k for k in scores):
         L.append("- **Score before update (TTT):** each chunk is scored under `no_grad` with the "
                  "weights adapted on earlier chunks only, then trained on.")
     if any("slot" in k for k in scores):

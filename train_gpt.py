@@ -140,13 +140,25 @@ class Hyperparameters:
     eval_only: str = ""  # an artifact to evaluate
     dump_token_nll: str = ""  # path.npy for the per-target NLL of the reported evaluation
     ttt_enabled: bool = False  # score-first test-time training
+    ttt_mode: str = "sgd"  # sgd: whole-model SGD after each stream chunk; lora: per-document LoRA + TTT_PHASES
+    # whole-model TTT SGD (sgd mode: after each chunk; lora mode: after each phase)
     ttt_lr: float = 0.002
-    ttt_epochs: int = 3
-    ttt_chunk_tokens: int = 32768  # >= 1
+    ttt_epochs: int = 3  # passes over each chunk (lora: over everything scored so far, per phase)
+    ttt_chunk_tokens: int = 32768  # sgd mode: targets scored between updates; >= 1
     ttt_freeze_blocks: int = 0  # 0..NUM_LAYERS
     ttt_momentum: float = 0.9  # in [0, 1)
-    ttt_batch_seqs: int = 32  # >= 1
+    ttt_batch_seqs: int = 32  # EVAL_SEQ_LEN sequences per SGD step; >= 1
     ttt_grad_clip: float = 1.0
+    # lora mode: per-document LoRA TTT, phases of whole-model SGD
+    ttt_lora_rank: int = 96  # 0: no adapters (documents scored alone, no update)
+    ttt_lora_targets: str = "q,k,v,o,up,down,head"  # adapted: q,k,v,o (attention), up,down (MLP), head
+    ttt_lora_lr: float = 1e-4  # AdamW, betas (0, 0.999)
+    ttt_lora_wd: float = 0.5
+    ttt_lora_chunk_tokens: int = 64  # a document's targets scored before each LoRA step
+    ttt_lora_batch_docs: int = 64  # documents side by side, sorted by length
+    ttt_phases: int = 3  # phases over the first TTT_PREFIX_DOCS documents, whole-model SGD after each; 0: none
+    ttt_prefix_docs: int = 2000
+    # SLOT
     slot_enabled: bool = False  # context-only SLOT (a non-record evaluation)
     slot_steps: int = 8
     slot_lr: float = 0.005
@@ -222,7 +234,7 @@ class Hyperparameters:
         each([n for n in numbers if type(get(n)) is float], math.isfinite, "a finite number")
         each("vocab_size num_layers model_dim num_heads num_kv_heads iterations train_batch_tokens train_seq_len "
              "val_batch_tokens eval_stride gptq_calibration_batches artifact_bytes_limit ttt_chunk_tokens "
-             "ttt_batch_seqs muon_backend_steps", lambda v: v >= 1, "at least 1")
+             "ttt_batch_seqs ttt_lora_batch_docs ttt_lora_chunk_tokens muon_backend_steps", lambda v: v >= 1, "at least 1")
         each("warmdown_frac recur_start_frac min_lr", lambda v: 0 <= v <= 1, "in [0, 1]")
         each("ema_decay beta1 beta2 muon_momentum muon_momentum_warmup_start ttt_momentum", lambda v: 0 <= v < 1,
              "in [0, 1)")
@@ -262,6 +274,11 @@ class Hyperparameters:
              "(Hopper) or use ATTN_BACKEND=auto")
         need(h.compile in ("auto", "0", "1"), f"COMPILE={h.compile} must be auto, 0 or 1")
         need(h.ttt_freeze_blocks <= m.num_layers, f"TTT_FREEZE_BLOCKS={h.ttt_freeze_blocks} not in 0..NUM_LAYERS")
+        need(h.ttt_mode in ("sgd", "lora"), f"TTT_MODE={h.ttt_mode} must be sgd or lora")
+        need(set(h.ttt_lora_targets.split(",")) <= {*LORA_TARGETS, "head"},
+             f"TTT_LORA_TARGETS={h.ttt_lora_targets} must be comma-separated names from q,k,v,o,up,down,head")
+        need(h.ttt_lora_chunk_tokens <= (h.eval_seq_len if h.ttt_mode == "lora" and h.eval_seq_len else 1 << 30),
+             f"TTT_LORA_CHUNK_TOKENS={h.ttt_lora_chunk_tokens} must be in 1..EVAL_SEQ_LEN")
         need(Path(h.run_id).name == h.run_id, f"RUN_ID={h.run_id!r} must be a file name (it names logs/RUN_ID.txt)")
         need(not (h.eval_only and h.export_only), "set EVAL_ONLY or EXPORT_ONLY, not both")
 
@@ -331,6 +348,7 @@ def parse_setting(name: str, raw: str, default):
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+BOS_ID = 1  # every document starts with it (the shard format)
 
 class ShardError(ValueError):
     """A token shard that is missing, truncated or not in the challenge format."""
@@ -492,14 +510,30 @@ try:  # FlashAttention-3 (Hopper), used when importable
 except Exception as e:  # not installed, or a broken build that fails while registering its ops: logged by the probe
     _flash_attn_func, FA3_MISSING = None, error_text(e)
 
+def lora_delta(x, lora):
+    """Batched per-row low-rank delta (LoRA TTT): row b of x (B, T, in) times A[b] (in, r) times B[b] (r, out)."""
+    return (x @ lora[0]) @ lora[1]
+
+class Linear(nn.Linear):
+    """Bias-free nn.Linear through which every block projection runs: while LoRA TTT sets `lora` = (A, B), each
+    batch row (a document) gets its own low-rank delta on top."""
+    lora = None
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        return y if self.lora is None else y + lora_delta(x, self.lora)
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, xsa: bool):
         super().__init__()
         d, self.h, self.hkv, self.hd = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads
-        self.c_q = nn.Linear(d, d, bias=False)
-        self.c_k = nn.Linear(d, self.hkv * self.hd, bias=False)
-        self.c_v = nn.Linear(d, self.hkv * self.hd, bias=False)
-        self.proj = nn.Linear(d, d, bias=False)
+        self.c_q = Linear(d, d)
+        self.c_k = Linear(d, self.hkv * self.hd)
+        self.c_v = Linear(d, self.hkv * self.hd)
+        self.proj = Linear(d, d)
         self.proj.zero_init = True
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
         self.xsa, self.rope_dims, self.backend = xsa, cfg.rope_dims, "sdpa"
@@ -552,8 +586,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = int(cfg.mlp_mult * cfg.model_dim)
-        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
-        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+        self.fc = Linear(cfg.model_dim, hidden)
+        self.proj = Linear(hidden, cfg.model_dim)
         self.proj.zero_init = True
 
     def forward(self, x):
@@ -624,6 +658,7 @@ class GPT(nn.Module):
             self.recur_order = list(range(r[-1] + 1)) + r * (cfg.recur_passes - 1) + list(range(r[-1] + 1, n))
         self.recur_active = False
         self.act_dtype = torch.float32  # the residual stream's dtype; build_model sets bf16 on CUDA (autocast)
+        self.head_lora = None  # LoRA TTT: (A, B), a per-row low-rank delta on the logits, like Linear.lora
         self._init_weights()
 
     def _init_weights(self):
@@ -690,7 +725,8 @@ class GPT(nn.Module):
     def logits(self, h):
         """Tied head with the softcap c*tanh(z/c), fp32, written as 2c*sigmoid(2z/c) = c*tanh(z/c) + c: softmax
         ignores the constant, and sigmoid is ~6x cheaper than tanh on CPU, where eval is bound by the head."""
-        z, c = F.linear(h, self.tok_emb.weight).float(), self.cfg.logit_softcap
+        z, c = F.linear(h, self.tok_emb.weight), self.cfg.logit_softcap
+        z = (z if self.head_lora is None else z + lora_delta(h, self.head_lora)).float()
         if torch.is_grad_enabled():
             return 2 * c * torch.sigmoid(z * (2 / c))
         return z.mul_(2 / c).sigmoid_().mul_(2 * c)
@@ -1661,13 +1697,19 @@ class Evaluator:
         for starts, s0 in self.batches(wins):
             x, y = self.windows(starts)
             self.note(x)
-            nll = nll_fn(x, y, s0)
-            tally.sums[0] += nll.double().sum()  # device-side sums: no host sync per batch
-            tally.sums[1] += nll.numel()
-            tally.sums[2] += count_bytes(x[:, s0:], y[:, s0:], self.luts).sum()
-            if tally.nll is not None:
-                idx = starts[:, None] + torch.arange(s0, self.L, device=self.device)
-                tally.nll[idx.reshape(-1)] = nll.reshape(-1)
+            self.add(tally, nll_fn(x, y, s0), starts[:, None] + torch.arange(s0 + 1, self.L + 1, device=self.device))
+
+    def add(self, tally: Tally, nll, tgt, keep=None):
+        """Adds the NLL of targets `tgt` (stream indices 1..n, nll's shape) to the tally; with `keep` (bool, same
+        shape) only those it marks (the others' indices need only be in range). Device-side: no host sync."""
+        nbytes = count_bytes(self.tok[tgt - 1], self.tok[tgt], self.luts)
+        if keep is not None:
+            nll, nbytes = torch.where(keep, nll, 0.0), torch.where(keep, nbytes, 0)
+        tally.sums[0] += nll.double().sum()
+        tally.sums[1] += nll.numel() if keep is None else keep.sum()
+        tally.sums[2] += nbytes.sum()
+        if tally.nll is not None:  # each target once, so accumulating into zeros writes it
+            tally.nll.index_put_((tgt.reshape(-1) - 1,), nll.reshape(-1).float(), accumulate=True)
 
     def finish(self, tally: Tally) -> dict:
         """(loss, bpb, ms, nll, attention): the sums over all ranks (every target must have been scored exactly
@@ -1713,14 +1755,17 @@ def evaluate_ttt(ev: Evaluator, model, hp: Hyperparameters, dump=False, log=prin
             lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(1, n_chunks - 1)))
             for g in opt.param_groups:
                 g["lr"] = lr
-            lo, hi = c * C, min((c + 1) * C, ev.n)  # targets lo+1..hi, all scored by now
-            seqs = [(s, min(s + ev.L, hi)) for s in range(lo, hi, ev.L)]
             for _ in range(hp.ttt_epochs):
-                for b0 in range(0, len(seqs), hp.ttt_batch_seqs):
-                    ttt_step(ev, m, params, opt, seqs[b0:b0 + hp.ttt_batch_seqs], hp.ttt_grad_clip)
+                sgd_pass(ev, m, params, opt, c * C, min((c + 1) * C, ev.n), hp)  # targets all scored by now
             if (c + 1) % max(1, n_chunks // 10) == 0:
                 log(f"ttt_chunk [{c + 1}/{n_chunks}] lr: {lr:.6f}")
         return ev.finish(tally)
+
+def sgd_pass(ev: Evaluator, m, params, opt, lo: int, hi: int, hp: Hyperparameters):
+    """One pass of whole-model SGD over targets lo+1..hi: EVAL_SEQ_LEN sequences, TTT_BATCH_SEQS per step."""
+    seqs = [(s, min(s + ev.L, hi)) for s in range(lo, hi, ev.L)]
+    for b0 in range(0, len(seqs), hp.ttt_batch_seqs):
+        ttt_step(ev, m, params, opt, seqs[b0:b0 + hp.ttt_batch_seqs], hp.ttt_grad_clip)
 
 def ttt_step(ev: Evaluator, m, params, opt, group, grad_clip: float):
     """One SGD step on the (start, end) target ranges of `group`, split over ranks; the loss is the mean over
@@ -1740,6 +1785,193 @@ def ttt_step(ev: Evaluator, m, params, opt, group, grad_clip: float):
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+def documents(tokens: np.ndarray) -> np.ndarray:
+    """(start, targets) per document, the stream cut before every BOS: document d reads tokens[s:s+k] and predicts
+    targets s+1..s+k (its own tokens, then the next BOS), so every target belongs to exactly one document."""
+    n = len(tokens) - 1
+    starts = np.r_[0, np.flatnonzero(tokens[1:n] == BOS_ID) + 1]
+    return np.stack([starts, np.diff(np.r_[starts, n])], axis=1)
+
+def lora_window(ci: int, chunk: int, L: int) -> tuple:
+    """(first input, padded length) of the window that scores chunk ci of a document: the chunk and at most
+    L - chunk tokens before it, padded at the end (never attended by the chunk) to a power of two <= L, so that
+    few shapes (compiles) cover every window."""
+    end = (ci + 1) * chunk
+    w0 = max(0, end - L)
+    return w0, min(L, 1 << (end - w0 - 1).bit_length())
+
+def lora_phases(hp: Hyperparameters, n_docs: int) -> list:
+    """Document ranges [d0, d1): TTT_PHASES equal phases over the first TTT_PREFIX_DOCS documents, then the rest.
+    Whole-model SGD follows each non-empty phase that leaves documents to score."""
+    prefix = min(hp.ttt_prefix_docs, n_docs) if hp.ttt_phases else 0
+    phases = hp.ttt_phases if prefix else 0
+    cuts = [prefix * p // phases for p in range(phases)] + [prefix, n_docs]
+    return list(zip(cuts, cuts[1:]))
+
+def lora_batches(docs: np.ndarray, group, rank: int, world: int, rows: int) -> list:
+    """This rank's batches of the documents `group`: sorted by length (longest first, ties in stream order),
+    dealt to the ranks in turn, `rows` side by side."""
+    mine = sorted(group, key=lambda d: -docs[d, 1])[rank::world]
+    return [mine[i:i + rows] for i in range(0, len(mine), rows)]
+
+LORA_TARGETS = {"q": "attn.c_q", "k": "attn.c_k", "v": "attn.c_v", "o": "attn.proj", "up": "mlp.fc",
+                "down": "mlp.proj"}  # TTT_LORA_TARGETS names -> each block's Linear; "head": the tied head
+
+class DocLoRA:
+    """One rank-r adapter per batch row (a document) on each target projection: A (rows, in, r), B (rows, r, out).
+    Every row restarts from the same state (A a fixed random matrix, B zero: no change), so a document's scores
+    depend on that document only; AdamW works per element, so rows never share a step."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters, rows: int, device):
+        targets = hp.ttt_lora_targets.split(",")
+        self.sites = [(blk.get_submodule(LORA_TARGETS[t]), "lora") for blk in model.blocks
+                      for t in targets if t != "head"] + ([(model, "head_lora")] if "head" in targets else [])
+        shapes = [(m.in_features, m.out_features) if m is not model else (model.cfg.model_dim, model.cfg.vocab_size)
+                  for m, _ in self.sites]
+        g, r = torch.Generator().manual_seed(0), hp.ttt_lora_rank
+        self.a0 = [(torch.randn(i, r, generator=g) / math.sqrt(i)).to(device) for i, _ in shapes]
+        self.pairs = [(torch.zeros(rows, i, r, device=device, requires_grad=True),
+                       torch.zeros(rows, r, o, device=device, requires_grad=True)) for i, o in shapes]
+        fused = {"fused": True} if device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW([t for p in self.pairs for t in p], lr=hp.ttt_lora_lr, betas=LORA_BETAS,
+                                     weight_decay=hp.ttt_lora_wd, **fused)
+
+    def attach(self, on: bool):
+        for (m, name), pair in zip(self.sites, self.pairs):
+            setattr(m, name, pair if on else None)
+
+    @torch.no_grad()
+    def reset(self):
+        for (a, b), a0 in zip(self.pairs, self.a0):
+            a.copy_(a0.expand_as(a))
+            b.zero_()
+        self.opt.state.clear()
+
+LORA_BETAS = (0.0, 0.999)  # upstream's: no momentum, so a document's first steps are not damped
+
+def chunk_nll(model: GPT, x, y, pos):
+    """NLL (B, len(pos)) of targets y[:, pos]: the hidden states of the whole window, the head only at pos (a
+    tensor, so one graph serves every chunk offset)."""
+    logits = model.logits(model.hidden(x).index_select(1, pos))
+    return F.cross_entropy(logits.flatten(0, 1), y.index_select(1, pos).flatten(), reduction="none").view(len(x), -1)
+
+def evaluate_lora_ttt(ev: Evaluator, model, hp: Hyperparameters, dump=False, log=print) -> dict:
+    """Score-first, document-wise LoRA TTT (TTT_MODE=lora). Each document is scored on its own tokens only, in
+    chunks of TTT_LORA_CHUNK_TOKENS targets under at most EVAL_SEQ_LEN tokens of its prefix; once a chunk is
+    scored (the loss of the same forward, before any step that saw it), one AdamW step trains that document's
+    adapters on it. The first TTT_PREFIX_DOCS documents are scored in TTT_PHASES phases; after each, the base
+    weights take TTT_EPOCHS passes of whole-model SGD over the stream up to the phase's last (scored) target. The
+    rest are scored by the final base. Ranks split the documents; the SGD averages gradients over ranks."""
+    with ev.attention():
+        tally, docs = ev.start(dump), documents(ev.tok.cpu().numpy())
+        m, dev = copy.deepcopy(model), ev.device
+        C, rows = hp.ttt_lora_chunk_tokens, hp.ttt_lora_batch_docs
+        lora = DocLoRA(m, hp, rows, dev) if hp.ttt_lora_rank else None
+        if lora:
+            lora.attach(True)
+        fn = (ev.compile_fn or (lambda f: f))(lambda x, y, pos: chunk_nll(m, x, y, pos))
+        frozen = {id(p) for blk in m.blocks[:hp.ttt_freeze_blocks] for p in blk.parameters()}
+        params = [p for p in m.parameters() if id(p) not in frozen]
+        opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        groups = lora_phases(hp, len(docs))
+        phases = len(groups) - 1
+        ar = torch.arange(max(ev.L, C) + 1, device=dev)
+        graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        g0, shapes = graphs(), set()
+        est = lora_ttt_estimate(m, hp, docs, ev.L)
+        log(f"ttt:eval_estimate_8xh100_s: {est['total']:.0f} (lora: {est['lora']:.3g} global_sgd: {est['sgd']:.3g} "
+            f"compile: ~{est['compile']:.0f} roundtrip: {est['roundtrip']:.3g}; FLOPs at {H100_EVAL_FLOPS / 1e12:.0f} "
+            f"TFLOP/s per GPU, the rate of the reference's sliding eval) "
+            + ("fits" if est["total"] <= 600 else "does not fit") + f" 600s with the sliding eval skipped "
+            f"(SLIDING_WINDOW_ENABLED=0; it would add {est['sliding']:.3g}s)")
+        for g, (d0, d1) in enumerate(groups):
+            sync(dev)
+            t0 = time.perf_counter()
+            for batch in lora_batches(docs, range(d0, d1), ev.rank, ev.world, rows):
+                st, ln = np.zeros((2, rows), dtype=np.int64)
+                st[:len(batch)], ln[:len(batch)] = docs[batch].T
+                starts, lens = torch.from_numpy(st).to(dev), torch.from_numpy(ln).to(dev)
+                if lora:
+                    lora.reset()
+                n_chunks = -(-int(ln.max()) // C)
+                for ci in range(n_chunks):
+                    w0, T = lora_window(ci, C, ev.L)
+                    shapes.add(T)
+                    q = ci * C + ar[:C]  # the chunk's targets, as offsets into each document's
+                    seq = ev.tok[(starts[:, None] + w0 + ar[:T + 1]).clamp_max(ev.n)]
+                    keep = q[None] < lens[:, None]
+                    ev.note(seq[:, :-1], grad=lora is not None)
+                    with torch.set_grad_enabled(lora is not None), autocast_ctx(dev):  # one graph per shape
+                        nll = fn(seq[:, :-1], seq[:, 1:], q - w0).float()
+                    ev.add(tally, nll.detach(), (starts[:, None] + 1 + q).clamp_max(ev.n), keep)
+                    if lora and ci < n_chunks - 1:
+                        (torch.where(keep, nll, 0.0).sum(1) / keep.sum(1).clamp_min(1)).sum().backward()
+                        lora.opt.step()
+                        lora.opt.zero_grad(set_to_none=True)
+            sync(dev)
+            t1 = time.perf_counter()
+            scored = f"docs: {d1 - d0} targets: {int(docs[d0:d1, 1].sum())} scored_in: {1000 * (t1 - t0):.0f}ms"
+            if g == phases:
+                log(f"ttt_phase: rest {scored}")
+                break
+            hi = int(docs[d1 - 1].sum()) if d1 > d0 else 0  # the phase's last target: SGD sees only scored documents
+            if len(docs) > d1 > d0:
+                if lora:
+                    lora.attach(False)
+                for p in params:
+                    p.requires_grad_(True)
+                for _ in range(hp.ttt_epochs):
+                    sgd_pass(ev, m, params, opt, 0, hi, hp)
+                m.requires_grad_(False)
+                if lora:
+                    lora.attach(True)
+            sync(dev)
+            log(f"ttt_phase: {g + 1}/{phases} {scored} sgd_on_targets: {hi} sgd: {1000 * (time.perf_counter() - t1):.0f}ms")
+        log(f"ttt_lora: window shapes: {len(shapes)} ({rows} x {sorted(shapes)}) graphs_compiled: {graphs() - g0}")
+        return ev.finish(tally)
+
+H100_EVAL_FLOPS = 2.54e14  # per GPU: the reference's sliding eval, 711,041 windows x 2048 tokens of forward FLOPs
+COMPILE_S = 10.0  # per graph (forward + backward), the reference's recompile at its recurrence switch
+
+def lora_ttt_estimate(m: GPT, hp: Hyperparameters, docs: np.ndarray, L: int, world: int = 8) -> dict:
+    """Seconds on `world` H100s: the FLOPs of every chunk window evaluate_lora_ttt runs (batch rows and window
+    padding included; the backward costs 1x the forward's matmuls (activation gradients only), 2x its attention
+    and 2x its LoRA), the phases' SGD (6 x weights per token) and the plain evals, at H100_EVAL_FLOPS; compiles
+    at COMPILE_S per window shape."""
+    order = m.layer_order()
+    d, V, r, C, rows = m.cfg.model_dim, m.cfg.vocab_size, hp.ttt_lora_rank, hp.ttt_lora_chunk_tokens, hp.ttt_lora_batch_docs
+    lins = [[x for x in m.blocks[l].modules() if isinstance(x, nn.Linear)] for l in order]
+    mats = sum(x.weight.numel() for ls in lins for x in ls)
+    targets = hp.ttt_lora_targets.split(",")
+    tw = {id(m.blocks[l].get_submodule(LORA_TARGETS[t])) for l in order for t in targets if t != "head"}
+    lw = r * sum(x.in_features + x.out_features for ls in lins for x in ls if id(x) in tw)
+    hw, hl = d * V, r * (d + V) * ("head" in targets)
+    b = 1 if r else 0  # backward: only with adapters
+    fwd = lambda T: 2 * mats + 2 * len(order) * T * d
+    chunk = lambda T: rows * T * ((2 + 2 * b) * mats + (2 + 4 * b) * len(order) * T * d + (2 + 4 * b) * lw) \
+        + rows * C * ((2 + 2 * b) * hw + (2 + 4 * b) * hl)
+    lora, shapes, sgd_tokens = 0.0, set(), 0
+    for d0, d1 in lora_phases(hp, len(docs)):
+        per_rank = []
+        for rank in range(world):
+            f = 0.0
+            for batch in lora_batches(docs, range(d0, d1), rank, world, rows):
+                for ci in range(-(-int(docs[batch, 1].max()) // C)):
+                    T = lora_window(ci, C, L)[1]
+                    shapes.add(T)
+                    f += chunk(T)
+            per_rank.append(f)
+        lora += max(per_rank)
+        if len(docs) > d1 > d0:
+            sgd_tokens += hp.ttt_epochs * int(docs[d1 - 1].sum())
+    n = int(docs[:, 1].sum())
+    rate = H100_EVAL_FLOPS * world
+    out = dict(lora=lora / H100_EVAL_FLOPS, sgd=sgd_tokens * flops_per_token(m, m.recur_active, L) / rate,
+               compile=COMPILE_S * len(shapes), roundtrip=n * (fwd(L) + 2 * hw) / rate,
+               sliding=n / hp.eval_stride * L * (fwd(L) + 2 * hw) / rate)
+    out["total"] = out["lora"] + out["sgd"] + out["compile"] + out["roundtrip"]
+    return out
 
 def slot_nll(model, x, y, s0: int, steps: int, lr: float, device):
     """Context-only SLOT: one additive delta per window (b, 1, d) on the final hidden state, fitted with
@@ -2252,7 +2484,8 @@ def final_evals(s: Session, cfg: ModelConfig, entries: dict, written: Path | Non
         runs.append(("final_int6_sliding_window", "", lambda d: ev.evaluate(plain, hp.eval_stride, d)))
     reported = runs[-1][0]
     if hp.ttt_enabled:
-        runs.append(("final_int6_ttt", ".ttt", lambda d: evaluate_ttt(ev, model, hp, d, log)))
+        ttt = evaluate_lora_ttt if hp.ttt_mode == "lora" else evaluate_ttt
+        runs.append(("final_int6_ttt", ".ttt", lambda d: ttt(ev, model, hp, d, log)))
     if hp.slot_enabled:
         log("slot: context-only SLOT is an eval-time optimization; its score is a non-record result")
         runs.append(("final_int6_slot", ".slot",

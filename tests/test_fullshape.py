@@ -77,3 +77,25 @@ def test_gptq_at_the_default_shapes():
         assert q_g.shape == W.shape and int(q_g.abs().max()) <= 31
         err = lambda q: float((((W - q.float() * s.float()[:, None]) @ H) * (W - q.float() * s.float()[:, None])).sum())
         assert err(q_g) < 0.9 * err(q_r), (rows, cols)
+
+
+def test_default_model_runs_lora_ttt_with_a_phase():
+    """TTT_MODE=lora at the default shapes: the 11x512 model (recurrence on) with rank-96 adapters on every target,
+    the 4096-wide head included, and one phase of whole-model SGD, on three short documents (one longer than the
+    128-token window, so its later chunks are scored in capped windows)."""
+    torch.manual_seed(0)
+    model = t.GPT(t.ModelConfig())
+    model.recur_active = True
+    model.requires_grad_(False)
+    rng = np.random.default_rng(0)
+    tokens = np.concatenate([np.r_[t.BOS_ID, rng.integers(2, 4096, k - 1)] for k in (130, 60, 90)] + [[5]])
+    luts = (torch.ones(4096, dtype=torch.int16), torch.zeros(4096, dtype=torch.bool), torch.zeros(4096, dtype=torch.bool))
+    hp = t.Hyperparameters.from_env(dict(TTT_ENABLED="1", TTT_MODE="lora", TTT_LORA_CHUNK_TOKENS="32", TTT_EPOCHS="1",
+                                         TTT_LORA_BATCH_DOCS="2", TTT_PHASES="1", TTT_PREFIX_DOCS="1", EVAL_SEQ_LEN="128"))
+    assert hp.ttt_lora_rank == 96 and hp.ttt_lora_targets == "q,k,v,o,up,down,head"
+    lines = []
+    r = t.evaluate_lora_ttt(t.Evaluator(tokens.astype(np.uint16), 128, 1024, luts, torch.device("cpu")), model, hp,
+                            dump=True, log=lines.append)
+    assert r["nll"].shape == (280,) and np.isfinite(r["nll"]).all()
+    assert any(l.startswith("ttt_phase: 1/1 docs: 1 targets: 130 ") for l in lines), lines
+    assert any(l.startswith("ttt_lora: window shapes: 3 (2 x [32, 64, 128])") for l in lines), lines

@@ -263,6 +263,14 @@ def test_compliance_section_numbers(rec):
     assert "16,000,000" in comp and "600,000" in comp
 
 
+def test_lora_ttt_technique_and_compliance():
+    hp = mr.parse_hparams("\n".join(hparams(1, "x", {"ttt_mode": "lora", "ttt_lora_rank": 96, "ttt_phases": 3})))
+    assert mr.technique_summary(hp).endswith(", score-first document-wise LoRA TTT (rank 96, 3 phases)")
+    runs = [dict(summary=summary(1, 1.0, 2.0, code_sha="x", code_bytes=1, ttt=True), hparams=hp, artifact_bytes=1)]
+    comp = "\n".join(mr.compliance_lines({}, runs))
+    assert "Score before update (document-wise LoRA TTT)" in comp and "only on documents already scored" in comp
+
+
 def test_compliance_without_ttt_and_with_slot(rec):
     slot = {"final_int6_slot": {"val_loss": 2.4, "val_bpb": 1.05, "eval_ms": 1000}}
     ov = {i: dict(ttt=False) for i in range(3)}

@@ -95,6 +95,12 @@ def test_env_overrides_and_types():
     ({"ATTN_OUT_GATE": "1"}, "ATTN_OUT_GATE=1 must be 0, dense or sparse"),
     ({"MUON_NS": "cubic"}, "MUON_NS=cubic must be quintic or polar"),
     ({"MUON_NS": "polar", "MUON_BACKEND_STEPS": "4"}, "MUON_NS=polar has coefficients for MUON_BACKEND_STEPS=5 only"),
+    ({"TTT_MODE": "adam"}, "TTT_MODE=adam must be sgd or lora"),
+    ({"TTT_LORA_TARGETS": "q,gate"}, "TTT_LORA_TARGETS=q,gate must be"),
+    ({"TTT_MODE": "lora", "TTT_LORA_CHUNK_TOKENS": "4096"}, "TTT_LORA_CHUNK_TOKENS=4096 must be in 1..EVAL_SEQ_LEN"),
+    ({"TTT_LORA_CHUNK_TOKENS": "0"}, "TTT_LORA_CHUNK_TOKENS=0 must be at least 1"),
+    ({"TTT_LORA_LR": "nan"}, "TTT_LORA_LR=nan must be a finite number"),
+    ({"TTT_LORA_RANK": "-1"}, "TTT_LORA_RANK=-1 must be >= 0"),
 ])
 def test_impossible_values_raise_one_clear_error(env, needle):
     with pytest.raises(t.ConfigError, match=needle):
@@ -783,14 +789,15 @@ sys.exit(t.main())
     assert not torch.equal(a["blocks.0.mlp.proj.weight"], torch.zeros_like(a["blocks.0.mlp.proj.weight"]))
 
 
-@pytest.mark.parametrize("warmup,world", [(1, 1), (4, 2)])  # one process without a timed compile: cudasim
-def test_compiled_path_traces_fullgraph_and_compiles_nothing_timed(tmp_path, tiny_data_dir, warmup, world):
+@pytest.mark.parametrize("warmup,world,ttt_mode", [(1, 1, "sgd"), (4, 2, "lora")])  # (4, 1): cudasim
+def test_compiled_path_traces_fullgraph_and_compiles_nothing_timed(tmp_path, tiny_data_dir, warmup, world, ttt_mode):
     """COMPILE=1 through dynamo with the eager backend: the tracing, guards and recompiles of a GPU run, without
     codegen. fullgraph raises on any graph break, the evals (plain, sliding, TTT) stay under the recompile limit,
     and with a warmup covering both recurrence states nothing compiles inside the timed loop. A 1-step warmup
     compiles only the recurrent graph, so the loop must compile the other one and say so (the counter works).
     With 2 gloo processes the compiled module runs under DDP (as on 8 GPUs; cudasim compiles the one-process path).
-    The techniques beyond the reference are on (both gate forms)."""
+    The techniques beyond the reference are on (both gate forms). TTT_MODE=lora compiles one graph per window
+    shape, and nothing more after its first batch (the phases' SGD changes the weights, not the graphs)."""
     worker = tmp_path / "worker.py"
     worker.write_text(f"""
 import os, sys, torch
@@ -804,14 +811,23 @@ if os.environ.get("RANK", "0") == "0":
 sys.exit(rc)
 """)
     env = tiny_env(tiny_data_dir, tmp_path / "out", COMPILE=1, WARMUP_STEPS=warmup, ITERATIONS=6, VAL_LOSS_EVERY=3,
-                   TTT_ENABLED=1, TTT_CHUNK_TOKENS=4096, TTT_BATCH_SEQS=8, TTT_FREEZE_BLOCKS=1,
+                   TTT_ENABLED=1, TTT_MODE=ttt_mode, TTT_CHUNK_TOKENS=4096, TTT_BATCH_SEQS=8, TTT_FREEZE_BLOCKS=1,
+                   TTT_LORA_RANK=4, TTT_LORA_CHUNK_TOKENS=16, TTT_LORA_BATCH_DOCS=4, TTT_PHASES=1, TTT_PREFIX_DOCS=1,
                    MUON_NS="polar", RECUR_PASSES=3, SMEAR_GATE=1, ATTN_OUT_GATE="sparse" if warmup > 1 else "dense")
+    if ttt_mode == "lora":  # the last val shard only (2 documents, 2,256 tokens): one step per 16 targets is slow
+        env.update(VAL_FILES=str(sorted(tiny_data_dir.glob("datasets/*/fineweb_val_*.bin"))[-1]),
+                   DUMP_TOKEN_NLL=str(tmp_path / "nll.npy"))
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
     r = run_train(env, sys.executable, *launch, str(worker), timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "env: compile: True" in r.stdout and "final_int6_ttt" in r.stdout
     assert f"world_size: {world} " in r.stdout
     assert log_value(r.stdout, "unique_graphs:", "unique_graphs:") >= 6  # train x2, muon, evals
+    if ttt_mode == "lora":
+        assert log_value(r.stdout, "ttt_lora:", "graphs_compiled:") == log_value(r.stdout, "ttt_lora:", "shapes:") == 3
+        nll = np.load(tmp_path / "nll.ttt.npy")
+        assert nll.shape == (log_value(r.stdout, "val_tokens:", "val_tokens:"),) and (nll > 0).all()
+        assert "ttt_phase: 1/1 docs: 1 targets: 265 " in r.stdout and "ttt:eval_estimate_8xh100_s: " in r.stdout
     timed = log_value(r.stdout, "train_summary:", "timed_compiles:")
     if warmup > 1:
         assert timed == 0 and "WARNING" not in r.stdout
