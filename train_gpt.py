@@ -348,7 +348,7 @@ def parse_setting(name: str, raw: str, default):
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-BOS_ID = 1  # every document starts with it (the shard format)
+BOS_ID = 1  # every document starts with it (the shard format, data/prepare.py)
 
 class ShardError(ValueError):
     """A token shard that is missing, truncated or not in the challenge format."""
@@ -497,7 +497,6 @@ def causal_attention(q, k, v, backend: str):
         k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
 
-BOS_ID = 1  # every document starts with it (the shard format, data/prepare.py)
 GATE_DIMS = 12  # input dims read by SmearGate and the sparse attention output gate
 
 def error_text(e: BaseException) -> str:
