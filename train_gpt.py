@@ -1736,11 +1736,10 @@ def evaluate_ttt(ev: Evaluator, model, hp: Hyperparameters, dump=False, log=prin
     chunks < c only; then a copy of the model trains on chunk c's (already scored) tokens."""
     with ev.attention():
         tally = ev.start(dump)
-        m = copy.deepcopy(model).requires_grad_(True)
-        for blk in m.blocks[:hp.ttt_freeze_blocks]:
-            blk.requires_grad_(False)
-        params = [p for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        m = copy.deepcopy(model).requires_grad_(False)
+        params, opt = ttt_sgd(m, hp)
+        for p in params:
+            p.requires_grad_(True)
         nll_fn = ev.plain(m)
         C = hp.ttt_chunk_tokens
         n_chunks = math.ceil(ev.n / C)
@@ -1759,6 +1758,13 @@ def evaluate_ttt(ev: Evaluator, model, hp: Hyperparameters, dump=False, log=prin
             if (c + 1) % max(1, n_chunks // 10) == 0:
                 log(f"ttt_chunk [{c + 1}/{n_chunks}] lr: {lr:.6f}")
         return ev.finish(tally)
+
+def ttt_sgd(m: GPT, hp: Hyperparameters) -> tuple:
+    """(params, optimizer) of the whole-model TTT SGD (both modes): every parameter outside the first
+    TTT_FREEZE_BLOCKS blocks."""
+    frozen = {id(p) for blk in m.blocks[:hp.ttt_freeze_blocks] for p in blk.parameters()}
+    params = [p for p in m.parameters() if id(p) not in frozen]
+    return params, torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
 
 def sgd_pass(ev: Evaluator, m, params, opt, lo: int, hi: int, hp: Hyperparameters):
     """One pass of whole-model SGD over targets lo+1..hi: EVAL_SEQ_LEN sequences, TTT_BATCH_SEQS per step."""
@@ -1864,15 +1870,13 @@ def evaluate_lora_ttt(ev: Evaluator, model, hp: Hyperparameters, dump=False, log
     rest are scored by the final base. Ranks split the documents; the SGD averages gradients over ranks."""
     with ev.attention():
         tally, docs = ev.start(dump), documents(ev.tok.cpu().numpy())
-        m, dev = copy.deepcopy(model), ev.device
+        m, dev = copy.deepcopy(model).requires_grad_(False), ev.device
         C, rows = hp.ttt_lora_chunk_tokens, hp.ttt_lora_batch_docs
         lora = DocLoRA(m, hp, rows, dev) if hp.ttt_lora_rank else None
         if lora:
             lora.attach(True)
         fn = (ev.compile_fn or (lambda f: f))(lambda x, y, pos: chunk_nll(m, x, y, pos))
-        frozen = {id(p) for blk in m.blocks[:hp.ttt_freeze_blocks] for p in blk.parameters()}
-        params = [p for p in m.parameters() if id(p) not in frozen]
-        opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        params, opt = ttt_sgd(m, hp)
         groups = lora_phases(hp, len(docs))
         phases = len(groups) - 1
         ar = torch.arange(max(ev.L, C) + 1, device=dev)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import train_gpt as t
-from conftest import ROOT, random_gpt
+from conftest import ROOT, random_gpt, run_train
 
 V = 64
 SEQ = 32
@@ -492,9 +491,8 @@ if rank == 0:
 dist.destroy_process_group()
 """)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(worker)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=300, cwd=str(ROOT))
+    r = run_train({**env, "OMP_NUM_THREADS": "1"}, sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node=2", str(worker))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     two = np.load(tmp_path / "nll.npz")
     for phases in (0, 3):
