@@ -2384,7 +2384,7 @@ def train_or_load(s: Session) -> Trained:
     hp = s.hp
     torch.manual_seed(hp.seed)
     base = build_model(s.cfg, s.device, s.attn_mode)
-    s.log(f"model_params:{sum(p.numel() for p in base.parameters())}")
+    s.log(f"model_params:{count_params(s.cfg)}")
     if hp.export_only:
         base.load_state_dict(s.inputs.checkpoint[1])
         base.recur_active = bool(s.cfg.recur_layers)

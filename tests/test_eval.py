@@ -183,7 +183,7 @@ CAUSAL_P = [99, 110, 20]
 # the techniques beyond the reference, all on (SmearGate reads the previous position; the gate its own input), at p=99
 ALL_ON = dict(smear_gate=True, attn_out_gate="dense", recur_passes=3)
 FEATURES = pytest.mark.parametrize("p,over", [pytest.param(p, {}, id=str(p)) for p in CAUSAL_P] +
-                                   [pytest.param(99, ALL_ON, id="99-issue20")])
+                                   [pytest.param(99, ALL_ON, id="99-all-on")])
 
 
 @FEATURES
